@@ -1,0 +1,96 @@
+"""Backward: the gradient of the row log-probabilities, one read and one write per row.
+
+With p = softmax(z) = exp(z - lse) and logprob = z[y] - lse,
+
+    d logprob / d z[v] = 1[v == y] - p[v]
+
+so the whole upstream gradient of a row folds into one coefficient c[r] (the host forms
+c[r] = g_sum[s] + g_mean[s] / count[s] + g_token[r] for counted rows) and
+
+    dL/dz[r, v] = c[r] * (1[v == y] - p[v]).
+
+The softmax is recomputed from the saved lse, so nothing of size [N, V] is kept between
+forward and backward. The label element 1 - p[y] is formed in fp32 before the single
+rounding to the logits' dtype: rounding p[y] to bf16 first would cancel it to 0 whenever
+p[y] > 1 - 2**-8. Rows that are not counted get zeros without being read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .heuristics import triton_dtype, vocab_block
+
+
+@triton.jit
+def _row_logprob_backward_kernel(
+    logits_ptr,  # [B, T, V] logits of the forward, vocab stride 1
+    grad_ptr,  # [B, T, V] out: dL/dlogits; may be logits_ptr itself (in-place backward)
+    targets_ptr,  # [N] int64 target of each row, -1 = not counted
+    lse_ptr,  # [N] logsumexp saved by the forward
+    coef_ptr,  # [N] c[r], the folded upstream gradient of the row
+    steps,
+    stride_batch,
+    stride_step,
+    grad_stride_batch,
+    grad_stride_step,
+    vocab,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    batch_index = row // steps
+    step_index = row % steps
+    grad_row_ptr = grad_ptr + batch_index * grad_stride_batch + step_index * grad_stride_step
+    target = tl.load(targets_ptr + row)
+    if target >= 0:
+        row_ptr = logits_ptr + batch_index * stride_batch + step_index * stride_step
+        lse = tl.load(lse_ptr + row)
+        coef = tl.load(coef_ptr + row)
+        # each block is read before it is written, so grad_ptr == logits_ptr is safe
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < vocab
+            z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
+            prob = tl.exp(z - lse)
+            grad = coef * (tl.where(cols == target, 1.0, 0.0) - prob)
+            tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+    else:
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            zeros = tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty)
+            tl.store(grad_row_ptr + cols, zeros, mask=cols < vocab)
+
+
+def row_logprob_backward(
+    logits3d: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    grad: torch.Tensor,
+) -> torch.Tensor:
+    """Write dL/dlogits for all N rows into ``grad`` (shape of ``logits3d``; may be it)."""
+    batch, steps, vocab = logits3d.shape
+    n_rows = batch * steps
+    if n_rows == 0:
+        return grad
+    block, warps = vocab_block(vocab, logits3d.element_size())
+    _row_logprob_backward_kernel[(n_rows,)](
+        logits3d,
+        grad,
+        targets,
+        lse,
+        coef,
+        steps,
+        logits3d.stride(0),
+        logits3d.stride(1),
+        grad.stride(0),
+        grad.stride(1),
+        vocab,
+        ACC_DTYPE=triton_dtype(lse.dtype),
+        BLOCK_V=block,
+        num_warps=warps,
+    )
+    return grad

@@ -1,0 +1,90 @@
+"""Forward: per-row logsumexp and label log-probability, one streaming pass over the row.
+
+For row r with logits z and target y the kernel computes
+
+    lse[r] = log sum_v exp(z[v])          (online: running max m, running sum s)
+    logprob[r] = z[y] - lse[r]
+
+reading z once, in blocks of BLOCK_V, accumulating in fp32 (fp64 for fp64 logits).
+Rows whose target is -1 (not counted: prompt, padding, ignore_index, the last row of a
+shifted segment) are not read at all; they store logprob 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .heuristics import triton_dtype, vocab_block
+
+
+@triton.jit
+def _row_logprob_forward_kernel(
+    logits_ptr,  # [B, T, V] logits, any row strides, vocab stride 1
+    targets_ptr,  # [N] int64 target of each row, -1 = not counted
+    logprob_ptr,  # [N] out: log p(target), 0 where not counted
+    lse_ptr,  # [N] out: logsumexp of the row, saved for the backward
+    steps,  # T: rows are addressed as (r // T, r % T)
+    stride_batch,
+    stride_step,
+    vocab,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride can pass 2**31
+    target = tl.load(targets_ptr + row)
+    if target >= 0:
+        row_ptr = logits_ptr + (row // steps) * stride_batch + (row % steps) * stride_step
+        running_max = tl.full((), float("-inf"), ACC_DTYPE)
+        running_sum = tl.zeros((), ACC_DTYPE)
+        target_logit = tl.zeros((), ACC_DTYPE)
+        for start in range(0, vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            z = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(ACC_DTYPE)
+            new_max = tl.maximum(running_max, tl.max(z, axis=0))
+            # while every logit so far is -inf, shift by 0 so that exp(-inf - -inf) never
+            # turns into nan; +inf and nan logits still reach the sum and propagate
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max).to(ACC_DTYPE)
+            running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(
+                tl.exp(z - shift), axis=0
+            )
+            running_max = new_max
+            target_logit += tl.sum(tl.where(cols == target, z, 0.0), axis=0)
+        finite_max = tl.where(running_max == float("-inf"), 0.0, running_max).to(ACC_DTYPE)
+        lse = finite_max + tl.log(running_sum)
+        tl.store(lse_ptr + row, lse)
+        tl.store(logprob_ptr + row, target_logit - lse)
+    else:
+        tl.store(lse_ptr + row, tl.zeros((), ACC_DTYPE))
+        tl.store(logprob_ptr + row, tl.zeros((), ACC_DTYPE))
+
+
+def row_logprob_forward(
+    logits3d: torch.Tensor, targets: torch.Tensor, acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward over all N rows of ``logits3d`` [B, T, V].
+
+    Returns (logprob [N], lse [N]), both of dtype ``acc`` (float32 or float64).
+    """
+    batch, steps, vocab = logits3d.shape
+    n_rows = batch * steps
+    logprob = torch.empty(n_rows, dtype=acc, device=logits3d.device)
+    lse = torch.empty(n_rows, dtype=acc, device=logits3d.device)
+    if n_rows == 0:
+        return logprob, lse
+    block, warps = vocab_block(vocab, logits3d.element_size())
+    _row_logprob_forward_kernel[(n_rows,)](
+        logits3d,
+        targets,
+        logprob,
+        lse,
+        steps,
+        logits3d.stride(0),
+        logits3d.stride(1),
+        vocab,
+        ACC_DTYPE=triton_dtype(acc),
+        BLOCK_V=block,
+        num_warps=warps,
+    )
+    return logprob, lse

@@ -1,0 +1,176 @@
+"""Argument validation and the row layout that both backends consume.
+
+Every input layout is reduced to the same picture: N rows of logits addressed as
+``logits3d[r // T, r % T]`` (padded [B, T, V] keeps B and T; packed [N, V] becomes
+[1, N, V]), one int64 target per row (-1 where the row is not counted), and segment
+boundaries ``cu_seqlens`` over the rows (padded input gets ``arange(B + 1) * T``).
+
+``shift=True`` costs one element of offset in that flat row space: the label at flat
+position p is scored by row p - 1, and the first position of every segment is never
+counted, so the last row of a segment is never counted either. No logits are copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """The normalized problem: what the autograd Function and the backends see."""
+
+    logits3d: torch.Tensor  # [B, T, V] view of the caller's logits, vocab stride 1
+    targets: torch.Tensor  # [N] int64 target of each row, -1 where the row is not counted
+    cu_seqlens: torch.Tensor  # [S + 1] int64 row boundaries of the sequences
+    segment_ids: torch.Tensor  # [N] int64 sequence of each row
+    shift: int  # 1 when the label at flat position p is scored by row p - 1, else 0
+    label_shape: torch.Size  # shape of token_logprobs: the labels' shape
+
+
+def _fail(argument: str, expected: str, got: object) -> None:
+    raise ValueError(f"{argument}: expected {expected}, got {got}")
+
+
+def _check_tensor(argument: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        _fail(argument, "a torch.Tensor", type(value).__name__)
+    return value
+
+
+def _check_logits(logits: object, packed: bool) -> torch.Tensor:
+    logits = _check_tensor("logits", logits)
+    if logits.dtype not in FLOAT_DTYPES:
+        _fail("logits", "dtype float16, bfloat16, float32 or float64", logits.dtype)
+    if packed:
+        if not (logits.dim() == 2 or (logits.dim() == 3 and logits.shape[0] == 1)):
+            _fail("logits", "shape [N, V] or [1, N, V] with cu_seqlens", tuple(logits.shape))
+    elif logits.dim() != 3:
+        _fail("logits", "shape [B, T, V] (or [N, V] with cu_seqlens)", tuple(logits.shape))
+    if logits.shape[-1] < 1:
+        _fail("logits", "a vocabulary dimension of size >= 1", tuple(logits.shape))
+    return logits
+
+
+def _check_companion(argument: str, value: object, logits: torch.Tensor, kind: str) -> torch.Tensor:
+    value = _check_tensor(argument, value)
+    if kind == "labels" and value.dtype not in INTEGER_DTYPES:
+        _fail(argument, "an integer dtype", value.dtype)
+    if kind == "mask" and value.dtype != torch.bool and value.dtype not in INTEGER_DTYPES:
+        _fail(argument, "dtype bool or an integer dtype", value.dtype)
+    if tuple(value.shape) != tuple(logits.shape[:-1]):
+        _fail(argument, f"shape {tuple(logits.shape[:-1])} (logits.shape[:-1])", tuple(value.shape))
+    if value.device != logits.device:
+        _fail(argument, f"device {logits.device} (the logits' device)", value.device)
+    return value
+
+
+def _check_cu_seqlens(cu_seqlens: object, n_rows: int, device: torch.device) -> torch.Tensor:
+    cu_seqlens = _check_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        _fail("cu_seqlens", "dtype int32 or int64", cu_seqlens.dtype)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        _fail("cu_seqlens", "a 1-D tensor [S + 1] with S >= 0", tuple(cu_seqlens.shape))
+    if cu_seqlens.device != device:
+        _fail("cu_seqlens", f"device {device} (the logits' device)", cu_seqlens.device)
+    bounds = cu_seqlens.to(torch.int64)
+    first, last = int(bounds[0]), int(bounds[-1])
+    if first != 0:
+        _fail("cu_seqlens", "cu_seqlens[0] == 0", f"cu_seqlens[0] == {first}")
+    if last != n_rows:
+        _fail("cu_seqlens", f"cu_seqlens[-1] == {n_rows} (the number of tokens)", last)
+    steps = bounds[1:] - bounds[:-1]
+    if bool((steps < 0).any()):
+        where = int(torch.nonzero(steps < 0)[0, 0])
+        _fail("cu_seqlens", "non-decreasing values", f"a decrease after index {where}")
+    return bounds
+
+
+def build_layout(
+    logits: object,
+    labels: object,
+    mask: object,
+    ignore_index: int,
+    shift: bool,
+    cu_seqlens: object,
+) -> RowLayout:
+    """Validate the arguments of ``sequence_logprobs`` and normalize them to a RowLayout."""
+    packed = cu_seqlens is not None
+    logits = _check_logits(logits, packed)
+    labels = _check_companion("labels", labels, logits, "labels")
+    if mask is not None:
+        mask = _check_companion("mask", mask, logits, "mask")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        _fail("ignore_index", "an int", type(ignore_index).__name__)
+    if not isinstance(shift, bool):
+        _fail("shift", "a bool", type(shift).__name__)
+
+    vocab = logits.shape[-1]
+    # only a non-unit vocab stride forces a copy; row strides stay as they are
+    logits3d = logits.unsqueeze(0) if logits.dim() == 2 else logits
+    if logits3d.stride(-1) != 1 and vocab > 1:
+        logits3d = logits3d.contiguous()
+    batch, steps = logits3d.shape[0], logits3d.shape[1]
+    n_rows = batch * steps
+    device = logits.device
+
+    if packed:
+        bounds = _check_cu_seqlens(cu_seqlens, n_rows, device)
+        lengths = bounds[1:] - bounds[:-1]
+    else:
+        bounds = torch.arange(batch + 1, device=device, dtype=torch.int64) * steps
+        lengths = torch.full((batch,), steps, device=device, dtype=torch.int64)
+    n_seq = bounds.numel() - 1
+    segment_ids = torch.repeat_interleave(
+        torch.arange(n_seq, device=device), lengths, output_size=n_rows
+    )
+
+    flat_labels = labels.reshape(n_rows).to(torch.int64)
+    counted = flat_labels != ignore_index
+    if mask is not None:
+        counted &= mask.reshape(n_rows).to(torch.bool)
+    if shift:
+        # the first position of every segment has no previous row to be scored by
+        segment_start = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        segment_start[bounds[:-1][lengths > 0]] = True
+        counted &= ~segment_start
+
+    out_of_range = counted & ((flat_labels < 0) | (flat_labels >= vocab))
+    if bool(out_of_range.any()):
+        position = int(torch.nonzero(out_of_range)[0, 0])
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(position), labels.shape))
+        _fail(
+            "labels",
+            f"values in [0, {vocab}) at counted positions (or ignore_index={ignore_index})",
+            f"{int(flat_labels[position])} at position {index}",
+        )
+
+    targets = torch.where(counted, flat_labels, torch.full_like(flat_labels, -1))
+    if shift and n_rows > 0:
+        targets = torch.cat([targets[1:], targets.new_full((1,), -1)])
+    return RowLayout(
+        logits3d=logits3d,
+        targets=targets,
+        cu_seqlens=bounds,
+        segment_ids=segment_ids,
+        shift=int(shift),
+        label_shape=labels.shape,
+    )
+
+
+def rows_to_labels(row_values: torch.Tensor, shift: int) -> torch.Tensor:
+    """Move per-row values to the flat label position each row scores (p = r + shift)."""
+    if shift == 0 or row_values.numel() == 0:
+        return row_values
+    return torch.cat([row_values.new_zeros(1), row_values[:-1]])
+
+
+def labels_to_rows(label_values: torch.Tensor, shift: int) -> torch.Tensor:
+    """Inverse of :func:`rows_to_labels`: the value at label position r + shift for row r."""
+    if shift == 0 or label_values.numel() == 0:
+        return label_values
+    return torch.cat([label_values[1:], label_values.new_zeros(1)])

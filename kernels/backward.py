@@ -1,6 +1,6 @@
 """Backward: the gradient of the row log-probabilities, one read and one write per row.
 
-With p = softmax(z) = exp(z - lse) and logprob = z[y] - lse,
+With p = softmax(z) = exp((z - m) - log_sum) and logprob = (z[y] - m) - log_sum,
 
     d logprob / d z[v] = 1[v == y] - p[v]
 
@@ -9,7 +9,7 @@ c[r] = g_sum[s] + g_mean[s] / count[s] + g_token[r] for counted rows) and
 
     dL/dz[r, v] = c[r] * (1[v == y] - p[v]).
 
-The softmax is recomputed from the saved lse, so nothing of size [N, V] is kept between
+The softmax is recomputed from the saved (m, log_sum), so nothing of size [N, V] is kept between
 forward and backward. The label element 1 - p[y] is formed in fp32 before the single
 rounding to the logits' dtype: rounding p[y] to bf16 first would cancel it to 0 whenever
 p[y] > 1 - 2**-8. Rows that are not counted get zeros without being read.
@@ -29,7 +29,8 @@ def _row_logprob_backward_kernel(
     logits_ptr,  # [B, T, V] logits of the forward, vocab stride 1
     grad_ptr,  # [B, T, V] out: dL/dlogits; may be logits_ptr itself (in-place backward)
     targets_ptr,  # [N] int64 target of each row, -1 = not counted
-    lse_ptr,  # [N] logsumexp saved by the forward
+    row_max_ptr,  # [N] m[r] saved by the forward
+    log_sum_ptr,  # [N] log_sum[r] saved by the forward
     coef_ptr,  # [N] c[r], the folded upstream gradient of the row
     steps,
     stride_batch,
@@ -47,14 +48,15 @@ def _row_logprob_backward_kernel(
     target = tl.load(targets_ptr + row)
     if target >= 0:
         row_ptr = logits_ptr + batch_index * stride_batch + step_index * stride_step
-        lse = tl.load(lse_ptr + row)
+        row_max = tl.load(row_max_ptr + row)
+        log_sum = tl.load(log_sum_ptr + row)
         coef = tl.load(coef_ptr + row)
         # each block is read before it is written, so grad_ptr == logits_ptr is safe
         for start in range(0, vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < vocab
             z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(ACC_DTYPE)
-            prob = tl.exp(z - lse)
+            prob = tl.exp((z - row_max) - log_sum)
             grad = coef * (tl.where(cols == target, 1.0, 0.0) - prob)
             tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
     else:
@@ -67,7 +69,8 @@ def _row_logprob_backward_kernel(
 def row_logprob_backward(
     logits3d: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     coef: torch.Tensor,
     grad: torch.Tensor,
 ) -> torch.Tensor:
@@ -81,7 +84,8 @@ def row_logprob_backward(
         logits3d,
         grad,
         targets,
-        lse,
+        row_max,
+        log_sum,
         coef,
         steps,
         logits3d.stride(0),
@@ -89,7 +93,7 @@ def row_logprob_backward(
         grad.stride(0),
         grad.stride(1),
         vocab,
-        ACC_DTYPE=triton_dtype(lse.dtype),
+        ACC_DTYPE=triton_dtype(log_sum.dtype),
         BLOCK_V=block,
         num_warps=warps,
     )

@@ -2,10 +2,14 @@
 
 For row r with logits z and target y the kernel computes
 
-    lse[r] = log sum_v exp(z[v])          (online: running max m, running sum s)
-    logprob[r] = z[y] - lse[r]
+    m[r] = max_v z[v],  log_sum[r] = log sum_v exp(z[v] - m[r])   (online, one pass)
+    logprob[r] = (z[y] - m[r]) - log_sum[r]
 
 reading z once, in blocks of BLOCK_V, accumulating in fp32 (fp64 for fp64 logits).
+The logsumexp m + log_sum is saved as its two parts: folded into one fp32 number it
+would carry an absolute error of ulp(|m|) / 2, which for logits of magnitude 1e4 is 5e-4
+in every log-probability and, in the backward, in every exp(z - lse); kept apart, z - m
+is exact near the maximum, where the probabilities that matter live.
 Rows whose target is -1 (not counted: prompt, padding, ignore_index, the last row of a
 shifted segment) are not read at all; they store logprob 0.
 """
@@ -24,7 +28,8 @@ def _row_logprob_forward_kernel(
     logits_ptr,  # [B, T, V] logits, any row strides, vocab stride 1
     targets_ptr,  # [N] int64 target of each row, -1 = not counted
     logprob_ptr,  # [N] out: log p(target), 0 where not counted
-    lse_ptr,  # [N] out: logsumexp of the row, saved for the backward
+    row_max_ptr,  # [N] out: m[r], saved for the backward
+    log_sum_ptr,  # [N] out: log_sum[r], saved for the backward
     steps,  # T: rows are addressed as (r // T, r % T)
     stride_batch,
     stride_step,
@@ -51,34 +56,39 @@ def _row_logprob_forward_kernel(
             )
             running_max = new_max
             target_logit += tl.sum(tl.where(cols == target, z, 0.0), axis=0)
-        finite_max = tl.where(running_max == float("-inf"), 0.0, running_max).to(ACC_DTYPE)
-        lse = finite_max + tl.log(running_sum)
-        tl.store(lse_ptr + row, lse)
-        tl.store(logprob_ptr + row, target_logit - lse)
+        # running_sum is relative to the last shift: the max, or 0 for an all -inf row
+        row_max = tl.where(running_max == float("-inf"), 0.0, running_max).to(ACC_DTYPE)
+        log_sum = tl.log(running_sum)
+        tl.store(row_max_ptr + row, row_max)
+        tl.store(log_sum_ptr + row, log_sum)
+        tl.store(logprob_ptr + row, (target_logit - row_max) - log_sum)
     else:
-        tl.store(lse_ptr + row, tl.zeros((), ACC_DTYPE))
+        tl.store(row_max_ptr + row, tl.zeros((), ACC_DTYPE))
+        tl.store(log_sum_ptr + row, tl.zeros((), ACC_DTYPE))
         tl.store(logprob_ptr + row, tl.zeros((), ACC_DTYPE))
 
 
 def row_logprob_forward(
     logits3d: torch.Tensor, targets: torch.Tensor, acc: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward over all N rows of ``logits3d`` [B, T, V].
 
-    Returns (logprob [N], lse [N]), both of dtype ``acc`` (float32 or float64).
+    Returns (logprob [N], row_max [N], log_sum [N]), of dtype ``acc`` (float32/float64).
     """
     batch, steps, vocab = logits3d.shape
     n_rows = batch * steps
     logprob = torch.empty(n_rows, dtype=acc, device=logits3d.device)
-    lse = torch.empty(n_rows, dtype=acc, device=logits3d.device)
+    row_max = torch.empty(n_rows, dtype=acc, device=logits3d.device)
+    log_sum = torch.empty(n_rows, dtype=acc, device=logits3d.device)
     if n_rows == 0:
-        return logprob, lse
+        return logprob, row_max, log_sum
     block, warps = vocab_block(vocab, logits3d.element_size())
     _row_logprob_forward_kernel[(n_rows,)](
         logits3d,
         targets,
         logprob,
-        lse,
+        row_max,
+        log_sum,
         steps,
         logits3d.stride(0),
         logits3d.stride(1),
@@ -87,4 +97,4 @@ def row_logprob_forward(
         BLOCK_V=block,
         num_warps=warps,
     )
-    return logprob, lse
+    return logprob, row_max, log_sum

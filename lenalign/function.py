@@ -35,12 +35,14 @@ class SequenceLogProbsFunction(torch.autograd.Function):
         inplace_backward: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         acc = accumulate_dtype(logits3d.dtype)
-        row_logprob, lse = backend.row_logprob_forward(logits3d, layout.targets, acc)
+        row_logprob, row_max, log_sum = backend.row_logprob_forward(
+            logits3d, layout.targets, acc
+        )
         seq_sum, seq_count, seq_mean = backend.segment_reduce(
             row_logprob, layout.targets, layout.cu_seqlens
         )
         token_logprobs = rows_to_labels(row_logprob, layout.shift)
-        ctx.save_for_backward(logits3d, lse, seq_count)
+        ctx.save_for_backward(logits3d, row_max, log_sum, seq_count)
         ctx.layout = layout
         ctx.backend = backend
         ctx.inplace_backward = inplace_backward
@@ -53,24 +55,26 @@ class SequenceLogProbsFunction(torch.autograd.Function):
     def backward(ctx, grad_sum, grad_mean, _grad_count, grad_token):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        logits3d, lse, seq_count = ctx.saved_tensors
+        logits3d, row_max, log_sum, seq_count = ctx.saved_tensors
         layout: RowLayout = ctx.layout
         segment = layout.segment_ids
-        coef = torch.zeros_like(lse)
+        # folded in float64 (O(N) work) so that c[r] is rounded once, not once per term
+        coef = torch.zeros(log_sum.shape, dtype=torch.float64, device=log_sum.device)
         if grad_sum is not None:
-            coef += grad_sum.to(lse.dtype)[segment]
+            coef += grad_sum.double()[segment]
         if grad_mean is not None:
-            per_token = grad_mean.to(lse.dtype) / seq_count.clamp(min=1)
-            coef += per_token[segment]
+            coef += (grad_mean.double() / seq_count.clamp(min=1))[segment]
         if grad_token is not None:
-            coef += labels_to_rows(grad_token.reshape(-1).to(lse.dtype), layout.shift)
+            coef += labels_to_rows(grad_token.reshape(-1).double(), layout.shift)
         # uncounted rows are zeroed by the kernels; the mask here keeps c[r] honest
-        coef = torch.where(layout.targets >= 0, coef, torch.zeros_like(coef))
+        coef = torch.where(layout.targets >= 0, coef, torch.zeros_like(coef)).to(log_sum.dtype)
         if ctx.inplace_backward:
             grad = logits3d
         else:
             grad = torch.empty(logits3d.shape, dtype=logits3d.dtype, device=logits3d.device)
-        ctx.backend.row_logprob_backward(logits3d, layout.targets, lse, coef, grad)
+        ctx.backend.row_logprob_backward(
+            logits3d, layout.targets, row_max, log_sum, coef, grad
+        )
         if ctx.inplace_backward:
             # the storage was rewritten behind autograd's back: make any other saved
             # use of these logits fail loudly instead of reading gradients as logits

@@ -24,33 +24,45 @@ def _row_chunks(logits3d: torch.Tensor, rows: torch.Tensor):
 
 def row_logprob_forward(
     logits3d: torch.Tensor, targets: torch.Tensor, acc: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (logprob [N], lse [N]) of dtype ``acc``; 0 on rows not counted."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (logprob [N], row_max [N], log_sum [N]) of dtype ``acc``; 0 on rows not counted.
+
+    The logsumexp is kept as row_max + log_sum, as in kernels/forward.py, for precision.
+    """
     n_rows = logits3d.shape[0] * logits3d.shape[1]
     logprob = torch.zeros(n_rows, dtype=acc, device=logits3d.device)
-    lse = torch.zeros(n_rows, dtype=acc, device=logits3d.device)
+    row_max = torch.zeros(n_rows, dtype=acc, device=logits3d.device)
+    log_sum = torch.zeros(n_rows, dtype=acc, device=logits3d.device)
     counted_rows = torch.nonzero(targets >= 0).flatten()
     for batch_index, step_index, rows in _row_chunks(logits3d, counted_rows):
+        # advanced indexing copies the chunk, so it may be worked on in place
         z = logits3d[batch_index, step_index].to(acc)
-        row_lse = torch.logsumexp(z, dim=-1)
-        lse[rows] = row_lse
-        logprob[rows] = z.gather(1, targets[rows, None]).squeeze(1) - row_lse
-    return logprob, lse
+        chunk_max = z.amax(dim=-1)
+        # an all -inf row shifts by 0, so that -inf - -inf never makes a nan
+        chunk_max = torch.where(chunk_max == float("-inf"), 0.0, chunk_max)
+        shifted = z.sub_(chunk_max[:, None])
+        target_shifted = shifted.gather(1, targets[rows, None]).squeeze(1)
+        chunk_log_sum = shifted.exp_().sum(dim=-1).log_()
+        row_max[rows] = chunk_max
+        log_sum[rows] = chunk_log_sum
+        logprob[rows] = target_shifted - chunk_log_sum
+    return logprob, row_max, log_sum
 
 
 def row_logprob_backward(
     logits3d: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     coef: torch.Tensor,
     grad: torch.Tensor,
 ) -> torch.Tensor:
     """Write dL/dz = c[r] * (1[v == y] - softmax(z)[v]) into ``grad`` (may be ``logits3d``).
 
     See kernels/backward.py for the derivation; the label element 1 - p[y] is formed in
-    ``lse.dtype`` before the one rounding to the logits' dtype.
+    ``log_sum.dtype`` before the one rounding to the logits' dtype.
     """
-    acc = lse.dtype
+    acc = log_sum.dtype
     steps = logits3d.shape[1]
     counted = targets >= 0
     skipped = torch.nonzero(~counted).flatten()
@@ -58,7 +70,8 @@ def row_logprob_backward(
         grad[skipped // steps, skipped % steps] = 0
     for batch_index, step_index, rows in _row_chunks(logits3d, torch.nonzero(counted).flatten()):
         z = logits3d[batch_index, step_index].to(acc)
-        row_grad = torch.exp_(z - lse[rows, None]).neg_()
+        z.sub_(row_max[rows, None]).sub_(log_sum[rows, None])
+        row_grad = z.exp_().neg_()
         row_grad.scatter_add_(1, targets[rows, None], row_grad.new_ones(rows.numel(), 1))
         row_grad.mul_(coef[rows, None])
         grad[batch_index, step_index] = row_grad.to(grad.dtype)

@@ -35,9 +35,7 @@ class SequenceLogProbsFunction(torch.autograd.Function):
         inplace_backward: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         acc = accumulate_dtype(logits3d.dtype)
-        row_logprob, row_max, log_sum = backend.row_logprob_forward(
-            logits3d, layout.targets, acc
-        )
+        row_logprob, row_max, log_sum = backend.row_logprob_forward(logits3d, layout.targets, acc)
         seq_sum, seq_count, seq_mean = backend.segment_reduce(
             row_logprob, layout.targets, layout.cu_seqlens
         )
@@ -72,9 +70,7 @@ class SequenceLogProbsFunction(torch.autograd.Function):
             grad = logits3d
         else:
             grad = torch.empty(logits3d.shape, dtype=logits3d.dtype, device=logits3d.device)
-        ctx.backend.row_logprob_backward(
-            logits3d, layout.targets, row_max, log_sum, coef, grad
-        )
+        ctx.backend.row_logprob_backward(logits3d, layout.targets, row_max, log_sum, coef, grad)
         if ctx.inplace_backward:
             # the storage was rewritten behind autograd's back: make any other saved
             # use of these logits fail loudly instead of reading gradients as logits

@@ -87,7 +87,10 @@ def segment_reduce(
     adds each segment's values in a fixed order, so results are reproducible bit for bit.
     """
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    seq_sum = torch.segment_reduce(logprob, "sum", lengths=lengths, initial=0)
+    if logprob.numel() == 0:  # segment_reduce rejects empty data
+        seq_sum = logprob.new_zeros(lengths.shape)
+    else:
+        seq_sum = torch.segment_reduce(logprob, "sum", lengths=lengths, initial=0)
     # integer prefix sums are exact, so counts may use them
     counted_before = torch.nn.functional.pad((targets >= 0).cumsum(0), (1, 0))
     seq_count = counted_before[cu_seqlens[1:]] - counted_before[cu_seqlens[:-1]]

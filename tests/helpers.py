@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 BACKENDS = ("torch", "triton")
+# compiled kernels on a GPU; on CPU the kernels run under TRITON_INTERPRET (tests/conftest.py)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def naive_sequence_logprobs(
@@ -24,7 +28,9 @@ def naive_sequence_logprobs(
     """
     vocab = logits.shape[-1]
     if cu_seqlens is None:
-        sequences = [(logits[b], labels[b], None if mask is None else mask[b]) for b in range(len(logits))]
+        sequences = [
+            (logits[b], labels[b], None if mask is None else mask[b]) for b in range(len(logits))
+        ]
         flat_offsets = [b * labels.shape[1] for b in range(len(logits))]
     else:
         flat_logits = logits.reshape(-1, vocab)
@@ -37,12 +43,13 @@ def naive_sequence_logprobs(
                 flat_labels[lo:hi],
                 None if flat_mask is None else flat_mask[lo:hi],
             )
-            for lo, hi in zip(bounds[:-1], bounds[1:])
+            for lo, hi in itertools.pairwise(bounds)
         ]
         flat_offsets = bounds[:-1]
+    device = logits.device
     sums, counts, token_values = [], [], {}
-    for (seq_logits, seq_labels, seq_mask), offset in zip(sequences, flat_offsets):
-        total = torch.zeros((), dtype=torch.float64)
+    for (seq_logits, seq_labels, seq_mask), offset in zip(sequences, flat_offsets, strict=True):
+        total = torch.zeros((), dtype=torch.float64, device=device)
         count = 0
         for t in range(len(seq_labels)):
             label = int(seq_labels[t])
@@ -57,18 +64,19 @@ def naive_sequence_logprobs(
             count += 1
         sums.append(total)
         counts.append(count)
-    seq_sum = torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
-    seq_count = torch.tensor(counts, dtype=torch.int64)
-    seq_mean = torch.stack(
-        [s / c if c else torch.zeros((), dtype=torch.float64) for s, c in zip(sums, counts)]
-    ) if sums else torch.zeros(0, dtype=torch.float64)
-    flat_tokens = [
-        token_values.get(p, torch.zeros((), dtype=torch.float64)) for p in range(labels.numel())
-    ]
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    seq_sum = torch.stack(sums) if sums else zero.new_zeros(0)
+    seq_count = torch.tensor(counts, dtype=torch.int64, device=device)
+    seq_mean = (
+        torch.stack([s / c if c else zero for s, c in zip(sums, counts, strict=True)])
+        if sums
+        else zero.new_zeros(0)
+    )
+    flat_tokens = [token_values.get(p, zero) for p in range(labels.numel())]
     tokens = (
         torch.stack(flat_tokens).reshape(labels.shape)
         if flat_tokens
-        else torch.zeros(labels.shape, dtype=torch.float64)
+        else zero.new_zeros(labels.shape)
     )
     return seq_sum, seq_mean, seq_count, tokens
 
@@ -91,22 +99,21 @@ def random_problem(
     ignored = torch.rand(batch, steps, generator=generator) < ignored_fraction
     labels[ignored] = -100
     mask = torch.rand(batch, steps, generator=generator) >= masked_fraction
-    return logits, labels, mask
+    return logits.to(DEVICE), labels.to(DEVICE), mask.to(DEVICE)
 
 
 def upstream_gradients(n_seq: int, label_shape, seed: int = 1):
     """Nonzero random upstream gradients for (sum, mean, token_logprobs)."""
     generator = torch.Generator().manual_seed(seed)
     return (
-        torch.randn(n_seq, generator=generator, dtype=torch.float64),
-        torch.randn(n_seq, generator=generator, dtype=torch.float64),
-        torch.randn(label_shape, generator=generator, dtype=torch.float64),
+        torch.randn(n_seq, generator=generator, dtype=torch.float64).to(DEVICE),
+        torch.randn(n_seq, generator=generator, dtype=torch.float64).to(DEVICE),
+        torch.randn(label_shape, generator=generator, dtype=torch.float64).to(DEVICE),
     )
 
 
-def weighted_objective(outputs, weights) -> torch.Tensor:
-    """A scalar that sends distinct gradients through sum, mean and token_logprobs at once."""
-    seq_sum, seq_mean, token_logprobs = outputs
+def weighted_objective(seq_sum, seq_mean, token_logprobs, weights) -> torch.Tensor:
+    """A float64 scalar that sends distinct gradients through sum, mean and token_logprobs."""
     w_sum, w_mean, w_token = weights
     return (
         (seq_sum.double() * w_sum).sum()

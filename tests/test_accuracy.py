@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, random_problem, upstream_gradients
+from helpers import BACKENDS, DEVICE, random_problem, upstream_gradients, weighted_objective
 
 from lenalign import reference_sequence_logprobs, sequence_logprobs
 
@@ -17,13 +17,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _values_and_grad(compute, logits, weights):
     logits = logits.detach().clone().requires_grad_(True)
     out = compute(logits)
-    w_sum, w_mean, w_token = weights
-    objective = (
-        (out.sum.double() * w_sum).sum()
-        + (out.mean.double() * w_mean).sum()
-        + (out.token_logprobs.double() * w_token).sum()
-    )
-    objective.backward()
+    weighted_objective(out.sum, out.mean, out.token_logprobs, weights).backward()
     values = torch.cat(
         [out.sum.double(), out.mean.double(), out.token_logprobs.double().flatten()]
     ).detach()
@@ -76,9 +70,9 @@ def test_bf16_label_gradient_survives_confident_rows(backend):
     # p[y] = 1 - 3.9e-4 rounds to exactly 1 in bf16: forming 1 - p[y] after rounding would
     # give a zero gradient on the label; it must be formed in fp32 and rounded once
     vocab = 64
-    logits = torch.zeros(1, 3, vocab)
-    logits += torch.linspace(-0.5, 0.5, vocab)
-    labels = torch.tensor([[5, 9, 17]])
+    logits = torch.zeros(1, 3, vocab, device=DEVICE)
+    logits += torch.linspace(-0.5, 0.5, vocab, device=DEVICE)
+    labels = torch.tensor([[5, 9, 17]], device=DEVICE)
     logits[0, torch.arange(3), labels[0]] += 12.0
     logits = logits.to(torch.bfloat16).requires_grad_(True)
     sequence_logprobs(logits, labels, backend=backend).sum.sum().backward()

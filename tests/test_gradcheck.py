@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BACKENDS, naive_sequence_logprobs, random_problem, upstream_gradients
+from helpers import (
+    BACKENDS,
+    DEVICE,
+    naive_sequence_logprobs,
+    random_problem,
+    upstream_gradients,
+    weighted_objective,
+)
 
 from lenalign import sequence_logprobs
 
@@ -34,7 +41,7 @@ def _run(logits, labels, mask, shift, cu_seqlens, backend):
 @pytest.mark.parametrize(("name", "batch", "steps", "vocab", "shift", "bounds"), CASES)
 def test_values_and_gradients_match_ground_truth(name, batch, steps, vocab, shift, bounds, backend):
     logits, labels, mask = random_problem(batch, steps, vocab, seed=len(name))
-    cu_seqlens = None if bounds is None else torch.tensor(bounds)
+    cu_seqlens = None if bounds is None else torch.tensor(bounds, device=DEVICE)
     logits.requires_grad_(True)
     out = _run(logits, labels, mask, shift, cu_seqlens, backend)
     truth_logits = logits.detach().clone().requires_grad_(True)
@@ -53,9 +60,9 @@ def test_values_and_gradients_match_ground_truth(name, batch, steps, vocab, shif
     torch.testing.assert_close(out.token_logprobs, truth[3], rtol=1e-12, atol=1e-12)
     assert int(out.count.sum()) > 0, "the case must count some positions"
 
-    w_sum, w_mean, w_token = upstream_gradients(len(out.sum), out.token_logprobs.shape)
-    ((out.sum * w_sum).sum() + (out.mean * w_mean).sum() + (out.token_logprobs * w_token).sum()).backward()
-    ((truth[0] * w_sum).sum() + (truth[1] * w_mean).sum() + (truth[3] * w_token).sum()).backward()
+    weights = upstream_gradients(len(out.sum), out.token_logprobs.shape)
+    weighted_objective(out.sum, out.mean, out.token_logprobs, weights).backward()
+    weighted_objective(truth[0], truth[1], truth[3], weights).backward()
     torch.testing.assert_close(logits.grad, truth_logits.grad, rtol=1e-12, atol=1e-12)
 
 
@@ -63,7 +70,7 @@ def test_values_and_gradients_match_ground_truth(name, batch, steps, vocab, shif
 @pytest.mark.parametrize(("name", "batch", "steps", "vocab", "shift", "bounds"), CASES)
 def test_gradcheck_float64(name, batch, steps, vocab, shift, bounds, backend):
     logits, labels, mask = random_problem(batch, steps, vocab, seed=7 + len(name))
-    cu_seqlens = None if bounds is None else torch.tensor(bounds)
+    cu_seqlens = None if bounds is None else torch.tensor(bounds, device=DEVICE)
     logits.requires_grad_(True)
 
     def differentiable_outputs(x):
@@ -76,12 +83,17 @@ def test_gradcheck_float64(name, batch, steps, vocab, shift, bounds, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_packed_3d_layout(backend):
     logits, labels, mask = random_problem(1, 8, 5, seed=3)
-    cu_seqlens = torch.tensor([0, 5, 8], dtype=torch.int32)
+    cu_seqlens = torch.tensor([0, 5, 8], dtype=torch.int32, device=DEVICE)
     logits.requires_grad_(True)
 
     def differentiable_outputs(x):
         out = sequence_logprobs(
-            x, labels, mask, shift=True, cu_seqlens=cu_seqlens, return_token_logprobs=True,
+            x,
+            labels,
+            mask,
+            shift=True,
+            cu_seqlens=cu_seqlens,
+            return_token_logprobs=True,
             backend=backend,
         )
         return out.sum, out.mean, out.token_logprobs

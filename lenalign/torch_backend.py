@@ -1,25 +1,45 @@
 """Pure-PyTorch backend: the kernels' semantics for CPU and any device Triton does not run on.
 
 Same contract as ``lenalign.kernels`` (same arguments, same outputs, same hand-written
-backward), computed over the counted rows only, in chunks of at most ``CHUNK_ELEMENTS``
-logits, so it never holds more than a bounded fp32 slice of the logits besides the
-gradient it returns.
+backward). It walks runs of consecutive counted rows as strided views of the logits (no
+gather copies, uncounted rows never read), a chunk of at most ``CHUNK_ELEMENTS`` logits
+at a time: small enough that the few passes PyTorch makes over a chunk hit the cache,
+and a bound on the fp32 working memory besides the gradient it returns.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
-# 4 Mi elements: a 16 MiB fp32 slice (a few of them alive at once while a chunk is worked on)
-CHUNK_ELEMENTS = 1 << 22
+# 256 Ki elements: a 1 MiB fp32 chunk, which stays in a CPU core's L2 across the passes
+CHUNK_ELEMENTS = 1 << 18
 
 
-def _row_chunks(logits3d: torch.Tensor, rows: torch.Tensor):
-    """Yield (batch index, step index, row ids) for chunks of ``rows`` of bounded size."""
-    steps, vocab = logits3d.shape[1], logits3d.shape[2]
+def _row_runs(
+    targets: torch.Tensor, steps: int, vocab: int
+) -> Iterator[tuple[bool, int, int, int, slice]]:
+    """Yield (counted, batch, first step, last step + 1, flat rows) over all N rows.
+
+    Runs are maximal stretches of rows of one batch entry that are all counted or all
+    not, cut into chunks of at most CHUNK_ELEMENTS logits.
+    """
+    n_rows = targets.numel()
+    if n_rows == 0:
+        return
+    counted = (targets >= 0).cpu()
+    boundary = torch.ones(n_rows, dtype=torch.bool)
+    boundary[1:] = counted[1:] != counted[:-1]
+    boundary[::steps] = True  # a run never crosses into the next batch entry
+    starts = torch.nonzero(boundary).flatten().tolist()
     chunk_rows = max(1, CHUNK_ELEMENTS // max(vocab, 1))
-    for chunk in torch.split(rows, chunk_rows):
-        yield chunk // steps, chunk % steps, chunk
+    for start, end in zip(starts, [*starts[1:], n_rows], strict=True):
+        batch, first_step = divmod(start, steps)
+        for chunk_start in range(first_step, first_step + end - start, chunk_rows):
+            chunk_end = min(chunk_start + chunk_rows, first_step + end - start)
+            rows = slice(batch * steps + chunk_start, batch * steps + chunk_end)
+            yield bool(counted[start]), batch, chunk_start, chunk_end, rows
 
 
 def row_logprob_forward(
@@ -29,18 +49,19 @@ def row_logprob_forward(
 
     The logsumexp is kept as row_max + log_sum, as in kernels/forward.py, for precision.
     """
-    n_rows = logits3d.shape[0] * logits3d.shape[1]
+    batch_size, steps, vocab = logits3d.shape
+    n_rows = batch_size * steps
     logprob = torch.zeros(n_rows, dtype=acc, device=logits3d.device)
     row_max = torch.zeros(n_rows, dtype=acc, device=logits3d.device)
     log_sum = torch.zeros(n_rows, dtype=acc, device=logits3d.device)
-    counted_rows = torch.nonzero(targets >= 0).flatten()
-    for batch_index, step_index, rows in _row_chunks(logits3d, counted_rows):
-        # advanced indexing copies the chunk, so it may be worked on in place
-        z = logits3d[batch_index, step_index].to(acc)
+    for counted, batch, first, last, rows in _row_runs(targets, steps, vocab):
+        if not counted:
+            continue
+        z = logits3d[batch, first:last].to(acc)
         chunk_max = z.amax(dim=-1)
         # an all -inf row shifts by 0, so that -inf - -inf never makes a nan
         chunk_max = torch.where(chunk_max == float("-inf"), 0.0, chunk_max)
-        shifted = z.sub_(chunk_max[:, None])
+        shifted = z - chunk_max[:, None]
         target_shifted = shifted.gather(1, targets[rows, None]).squeeze(1)
         chunk_log_sum = shifted.exp_().sum(dim=-1).log_()
         row_max[rows] = chunk_max
@@ -59,22 +80,29 @@ def row_logprob_backward(
 ) -> torch.Tensor:
     """Write dL/dz = c[r] * (1[v == y] - softmax(z)[v]) into ``grad`` (may be ``logits3d``).
 
-    See kernels/backward.py for the derivation; the label element 1 - p[y] is formed in
-    ``log_sum.dtype`` before the one rounding to the logits' dtype.
+    See kernels/backward.py for the derivation. The work happens in ``log_sum.dtype``; the
+    label element is formed as c * (1 - p[y]), exact in that dtype for p[y] >= 1/2, before
+    the one rounding to the gradient's dtype.
     """
     acc = log_sum.dtype
-    steps = logits3d.shape[1]
-    counted = targets >= 0
-    skipped = torch.nonzero(~counted).flatten()
-    if skipped.numel():
-        grad[skipped // steps, skipped % steps] = 0
-    for batch_index, step_index, rows in _row_chunks(logits3d, torch.nonzero(counted).flatten()):
-        z = logits3d[batch_index, step_index].to(acc)
-        z.sub_(row_max[rows, None]).sub_(log_sum[rows, None])
-        row_grad = z.exp_().neg_()
-        row_grad.scatter_add_(1, targets[rows, None], row_grad.new_ones(rows.numel(), 1))
-        row_grad.mul_(coef[rows, None])
-        grad[batch_index, step_index] = row_grad.to(grad.dtype)
+    steps, vocab = logits3d.shape[1], logits3d.shape[2]
+    for counted, batch, first, last, rows in _row_runs(targets, steps, vocab):
+        out = grad[batch, first:last]
+        if not counted:
+            out.zero_()
+            continue
+        z = logits3d[batch, first:last]
+        # fp32/fp64 gradients are computed in their own storage; 16-bit ones in a chunk
+        # buffer, rounded once by the final copy
+        work = out if grad.dtype == acc else torch.empty(out.shape, dtype=acc, device=out.device)
+        torch.sub(z, row_max[rows, None], out=work)
+        prob = work.sub_(log_sum[rows, None]).exp_()
+        label = targets[rows, None]
+        chunk_coef = coef[rows, None]
+        label_grad = chunk_coef * (1.0 - prob.gather(1, label))
+        prob.mul_(-chunk_coef).scatter_(1, label, label_grad)
+        if work is not out:
+            out.copy_(work)
     return grad
 
 

@@ -43,7 +43,8 @@ def _row_logprob_forward_kernel(
         row_ptr = logits_ptr + (row // steps) * stride_batch + (row % steps) * stride_step
         running_max = tl.full((), float("-inf"), ACC_DTYPE)
         running_sum = tl.zeros((), ACC_DTYPE)
-        target_logit = tl.zeros((), ACC_DTYPE)
+        # the label's logit is caught on the way, lane-wise, and reduced once at the end
+        target_hits = tl.zeros((BLOCK_V,), ACC_DTYPE)
         for start in range(0, vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             z = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(ACC_DTYPE)
@@ -55,7 +56,8 @@ def _row_logprob_forward_kernel(
                 tl.exp(z - shift), axis=0
             )
             running_max = new_max
-            target_logit += tl.sum(tl.where(cols == target, z, 0.0), axis=0)
+            target_hits += tl.where(cols == target, z, 0.0)
+        target_logit = tl.sum(target_hits, axis=0)
         # running_sum is relative to the last shift: the max, or 0 for an all -inf row
         row_max = tl.where(running_max == float("-inf"), 0.0, running_max).to(ACC_DTYPE)
         log_sum = tl.log(running_sum)

@@ -1,8 +1,22 @@
 """lenalign: fused, length-normalized sequence log-likelihoods for direct alignment."""
 
 from .api import sequence_logprobs
+from .losses import (
+    PreferenceLossOutput,
+    preference_loss,
+    preference_loss_from_logits,
+    sequence_score,
+)
 from .outputs import SequenceLogProbs
 from .reference import reference_sequence_logprobs
 
-__all__ = ["SequenceLogProbs", "reference_sequence_logprobs", "sequence_logprobs"]
+__all__ = [
+    "PreferenceLossOutput",
+    "SequenceLogProbs",
+    "preference_loss",
+    "preference_loss_from_logits",
+    "reference_sequence_logprobs",
+    "sequence_logprobs",
+    "sequence_score",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,418 @@
+"""Direct alignment losses on summed, averaged and interpolated sequence log-likelihoods.
+
+Every loss here compares sequence scores s(y) = sum / count**lambda, the same operator
+applied to policy and reference alike. lambda = 1 is the averaging operator of
+"Averaging log-likelihoods in direct alignment" (Grinsztajn et al., 2024), which replaces
+each log pi(y|x) by (1/|y|) log pi(y|x); lambda = 0 is the summed log-likelihood of DPO
+(Rafailov et al., 2023); intermediate lambda is this package's interpolation, the exponent
+of RRHF's length penalty (Yuan et al., 2023). The formulas, the normalization each
+published recipe uses and typical beta ranges are in docs/losses.md.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any, NamedTuple, NoReturn
+
+import torch
+from torch.nn.functional import logsigmoid
+
+from .api import sequence_logprobs
+from .layout import INTEGER_DTYPES
+from .outputs import SequenceLogProbs
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "rdpo", "simpo")
+# the loss types that compare policy and reference; "simpo" alone scores the policy only
+REFERENCE_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "rdpo")
+NAMED_EXPONENTS = {"sum": 0.0, "mean": 1.0}
+# each of these hyperparameters enters one loss type's formula only; a non-zero value with
+# another loss type is refused rather than silently ignored
+HYPERPARAMETER_OWNERS = {"gamma": "simpo", "alpha": "rdpo", "label_smoothing": "sigmoid"}
+
+
+class PreferenceLossOutput(NamedTuple):
+    """The loss of a batch of B preference pairs and its per-pair diagnostics.
+
+    Float fields share one dtype: the promoted dtype of the inputs' ``sum`` fields, at
+    least float32. Everything but ``loss`` is detached.
+
+    Attributes:
+        loss: [] mean over the pairs of the per-pair loss (the ``sft_weight`` term included).
+        chosen_rewards: [B] beta * (s_pol(y_w) - s_ref(y_w)); beta * s_pol(y_w) for "simpo".
+        rejected_rewards: [B] the same for the rejected completions.
+        margins: [B] chosen_rewards - rejected_rewards.
+        accuracies: [B] 1.0 where chosen_rewards > rejected_rewards, else 0.0; NaN where the
+            margin is NaN, so that a broken pair is not counted as a wrong one.
+        chosen_lengths: [B] the policy's token counts |y_w|, as given (int64 from
+            ``sequence_logprobs``).
+        rejected_lengths: [B] the policy's token counts |y_l|.
+    """
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    margins: torch.Tensor
+    accuracies: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+
+
+def _fail(argument: str, expected: str, got: object) -> NoReturn:
+    raise ValueError(f"{argument}: expected {expected}, got {got}")
+
+
+def _finite_real(argument: str, value: object) -> float:
+    # bool is an int subclass, and True as a hyperparameter is almost surely a slip
+    if isinstance(value, bool) or not isinstance(value, Real):
+        _fail(argument, "a real number", type(value).__name__)
+    number = float(value)
+    if not math.isfinite(number):
+        _fail(argument, "a finite number", number)
+    return number
+
+
+def _length_exponent(length_normalization: object) -> float:
+    """lambda of the score s(y) = sum / count**lambda from the user's argument."""
+    expected = "'sum', 'mean' or a number lambda in [0, 1]"
+    if isinstance(length_normalization, str):
+        if length_normalization not in NAMED_EXPONENTS:
+            _fail("length_normalization", expected, repr(length_normalization))
+        return NAMED_EXPONENTS[length_normalization]
+    if isinstance(length_normalization, bool) or not isinstance(length_normalization, Real):
+        _fail("length_normalization", expected, type(length_normalization).__name__)
+    exponent = float(length_normalization)
+    # written so that NaN fails too
+    if not 0.0 <= exponent <= 1.0:
+        _fail("length_normalization", expected, exponent)
+    return exponent
+
+
+def _check_loss_type(loss_type: object) -> str:
+    if loss_type not in LOSS_TYPES:
+        _fail("loss_type", f"one of {LOSS_TYPES}", repr(loss_type))
+    return loss_type
+
+
+def _check_reference_presence(loss_type: str, argument: str, reference: object) -> None:
+    if loss_type in REFERENCE_LOSS_TYPES and reference is None:
+        _fail(argument, f"the reference log-probs that loss_type={loss_type!r} needs", None)
+    if loss_type not in REFERENCE_LOSS_TYPES and reference is not None:
+        _fail(
+            argument,
+            f"None (loss_type={loss_type!r} is reference-free and would ignore a reference)",
+            f"a {type(reference).__name__}",
+        )
+
+
+def _check_logps(argument: str, logps: object) -> SequenceLogProbs:
+    if not isinstance(logps, SequenceLogProbs):
+        _fail(argument, "a SequenceLogProbs", type(logps).__name__)
+    total, count = logps.sum, logps.count
+    if not isinstance(total, torch.Tensor):
+        _fail(f"{argument}.sum", "a tensor", type(total).__name__)
+    if not total.is_floating_point() or total.dim() != 1:
+        got = f"shape {tuple(total.shape)} and dtype {total.dtype}"
+        _fail(f"{argument}.sum", "a 1-D floating-point tensor [B]", got)
+    if not isinstance(count, torch.Tensor):
+        _fail(f"{argument}.count", "a tensor", type(count).__name__)
+    if count.dtype not in INTEGER_DTYPES:
+        _fail(f"{argument}.count", "an integer dtype", count.dtype)
+    if count.shape != total.shape:
+        _fail(f"{argument}.count", f"shape {tuple(total.shape)} (as .sum)", tuple(count.shape))
+    if count.device != total.device:
+        _fail(f"{argument}.count", f"device {total.device} (as .sum)", count.device)
+    return logps
+
+
+def _check_pairs(named_logps: dict[str, SequenceLogProbs]) -> None:
+    """Check that all log-probs describe the same B >= 1 pairs on one device."""
+    (first_name, first), *others = named_logps.items()
+    n_pairs, device = first.sum.shape[0], first.sum.device
+    if n_pairs == 0:
+        _fail(first_name, "at least one sequence (one pair)", "0 sequences")
+    for name, logps in others:
+        if logps.sum.shape[0] != n_pairs:
+            _fail(name, f"{n_pairs} sequences (as {first_name})", logps.sum.shape[0])
+        if logps.sum.device != device:
+            _fail(name, f"tensors on {device} (as {first_name})", logps.sum.device)
+
+
+def _score_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    # half precision cannot resolve a margin between two sums of hundreds of log-probs
+    result = torch.float32
+    for dtype in dtypes:
+        result = torch.promote_types(result, dtype)
+    return result
+
+
+def _score(
+    total: torch.Tensor, count: torch.Tensor, exponent: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """[B] total / count**exponent in ``dtype``, differentiable in ``total``."""
+    total = total.to(dtype)
+    divisor = count.clamp(min=1).to(dtype)
+    # pow is not correctly rounded on every device, and lambda = 1 must reproduce the
+    # kernel's mean bit for bit (x**0 is exactly 1 everywhere)
+    if exponent != 1.0:
+        divisor = divisor.pow(exponent)
+    # an empty sequence scores 0 whatever its sum holds; total * 0 instead of a literal 0
+    # keeps a NaN or infinite sum visible
+    return torch.where(count > 0, total / divisor, total * 0)
+
+
+def sequence_score(
+    logps: SequenceLogProbs, length_normalization: str | float = "mean"
+) -> torch.Tensor:
+    """The length-normalized sequence score that ``preference_loss`` compares.
+
+    Args:
+        logps: per-sequence log-likelihoods of S sequences (``sum`` [S] float, ``count``
+            [S] integer), e.g. from ``sequence_logprobs``.
+        length_normalization: "sum" (lambda = 0), "mean" (lambda = 1) or lambda in [0, 1].
+
+    Returns:
+        [S] s(y) = sum / count**lambda, 0 where count == 0 (NaN or inf where such a sum
+        is), in the dtype of ``logps.sum`` promoted to at least float32; differentiable in
+        ``logps.sum``.
+
+    Raises:
+        ValueError: naming the argument, for a malformed ``logps`` or a lambda outside [0, 1].
+    """
+    exponent = _length_exponent(length_normalization)
+    logps = _check_logps("logps", logps)
+    return _score(logps.sum, logps.count, exponent, _score_dtype(logps.sum.dtype))
+
+
+def _check_hyperparameters(
+    loss_type: str,
+    beta: object,
+    gamma: object,
+    alpha: object,
+    label_smoothing: object,
+    sft_weight: object,
+) -> tuple[float, float, float, float, float]:
+    beta = _finite_real("beta", beta)
+    if beta <= 0:
+        _fail("beta", "a number > 0", beta)
+    gamma = _finite_real("gamma", gamma)
+    alpha = _finite_real("alpha", alpha)
+    label_smoothing = _finite_real("label_smoothing", label_smoothing)
+    # a flip probability above 1/2 would mean the labels are more wrong than right
+    if not 0.0 <= label_smoothing <= 0.5:
+        _fail("label_smoothing", "a probability in [0, 0.5]", label_smoothing)
+    sft_weight = _finite_real("sft_weight", sft_weight)
+    if sft_weight < 0:
+        _fail("sft_weight", "a number >= 0", sft_weight)
+    values = {"gamma": gamma, "alpha": alpha, "label_smoothing": label_smoothing}
+    for argument, owner in HYPERPARAMETER_OWNERS.items():
+        if values[argument] != 0.0 and loss_type != owner:
+            _fail(
+                argument,
+                f"0 with loss_type={loss_type!r} (it is used by loss_type={owner!r} only)",
+                values[argument],
+            )
+    return beta, gamma, alpha, label_smoothing, sft_weight
+
+
+def preference_loss(
+    policy_chosen: SequenceLogProbs,
+    policy_rejected: SequenceLogProbs,
+    ref_chosen: SequenceLogProbs | None = None,
+    ref_rejected: SequenceLogProbs | None = None,
+    *,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    length_normalization: str | float = "sum",
+    gamma: float = 0.0,
+    alpha: float = 0.0,
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+) -> PreferenceLossOutput:
+    """Direct alignment loss of B preference pairs (chosen y_w, rejected y_l).
+
+    Scores are s(y) = sum / count**lambda for policy and reference alike, and
+    h = (s_pol(y_w) - s_ref(y_w)) - (s_pol(y_l) - s_ref(y_l)). Per pair:
+
+    - "sigmoid" (DPO; cDPO with eps > 0):
+      -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h), eps = label_smoothing
+    - "ipo": (h - 1 / (2 beta))**2
+    - "hinge" (SLiC): max(0, 1 - beta h)
+    - "rdpo" (R-DPO): -log sigmoid(beta h + alpha (|y_w| - |y_l|)), lengths = policy counts
+    - "simpo" (reference-free): -log sigmoid(beta (s_pol(y_w) - s_pol(y_l)) - gamma)
+
+    plus ``sft_weight * -(sum_w / count_w)``, the token-mean NLL of the chosen completion.
+
+    Args:
+        policy_chosen, policy_rejected: log-likelihoods of the B chosen and B rejected
+            completions under the policy (``sum`` [B] float, ``count`` [B] integer), e.g.
+            from ``sequence_logprobs``; the loss is differentiable through their ``sum``.
+        ref_chosen, ref_rejected: the same under the reference model (a no-grad pass or a
+            cache); treated as constants. Required by every loss_type but "simpo", and
+            refused by "simpo". Their own counts normalize their scores: they should equal
+            the policy's (same tokens), which is not checked, to avoid a device sync.
+        loss_type: "sigmoid", "ipo", "hinge", "rdpo" or "simpo".
+        beta: > 0; the inverse temperature of the scores. Averaged scores are about |y|
+            times smaller than summed ones, so "mean" recipes use a larger beta (1 to 10)
+            than summed DPO (about 0.1).
+        length_normalization: "sum" (lambda = 0), "mean" (lambda = 1, the averaged
+            log-likelihood of Grinsztajn et al., 2024) or a number lambda in [0, 1]
+            (this package's interpolation).
+        gamma: "simpo" target margin, in the units of beta times a score.
+        alpha: "rdpo" weight of the length difference; > 0 lowers the loss, and so the
+            push, on pairs whose chosen completion is the longer one.
+        label_smoothing: "sigmoid" probability eps in [0, 0.5] that a label is flipped.
+        sft_weight: >= 0 weight of the chosen completions' token-mean NLL.
+
+    Returns:
+        PreferenceLossOutput: ``loss`` [] and detached per-pair [B] diagnostics.
+
+    Raises:
+        ValueError: naming the argument, for an unknown loss_type, lambda outside [0, 1],
+            beta <= 0, a hyperparameter the loss_type does not use set to non-zero, a
+            missing or superfluous reference, or log-probs of mismatched sizes or devices.
+    """
+    loss_type = _check_loss_type(loss_type)
+    exponent = _length_exponent(length_normalization)
+    beta, gamma, alpha, label_smoothing, sft_weight = _check_hyperparameters(
+        loss_type, beta, gamma, alpha, label_smoothing, sft_weight
+    )
+    _check_reference_presence(loss_type, "ref_chosen", ref_chosen)
+    _check_reference_presence(loss_type, "ref_rejected", ref_rejected)
+    named = {
+        "policy_chosen": _check_logps("policy_chosen", policy_chosen),
+        "policy_rejected": _check_logps("policy_rejected", policy_rejected),
+    }
+    if loss_type in REFERENCE_LOSS_TYPES:
+        named["ref_chosen"] = _check_logps("ref_chosen", ref_chosen)
+        named["ref_rejected"] = _check_logps("ref_rejected", ref_rejected)
+    _check_pairs(named)
+    dtype = _score_dtype(*(logps.sum.dtype for logps in named.values()))
+
+    chosen_score = _score(policy_chosen.sum, policy_chosen.count, exponent, dtype)
+    rejected_score = _score(policy_rejected.sum, policy_rejected.count, exponent, dtype)
+    if loss_type in REFERENCE_LOSS_TYPES:
+        # the reference is a fixed target: no gradient may reach it (or a model behind it)
+        chosen_score = chosen_score - _score(
+            ref_chosen.sum.detach(), ref_chosen.count, exponent, dtype
+        )
+        rejected_score = rejected_score - _score(
+            ref_rejected.sum.detach(), ref_rejected.count, exponent, dtype
+        )
+    # for "simpo" the scores are the policy's own; otherwise they are log-ratios to the reference
+    h = chosen_score - rejected_score
+
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * logsigmoid(beta * h)
+        # skipped at eps = 0, where an infinite margin would make it 0 * inf = NaN
+        if label_smoothing > 0.0:
+            losses = losses - label_smoothing * logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - beta * h)
+    elif loss_type == "rdpo":
+        length_gap = policy_chosen.count.to(dtype) - policy_rejected.count.to(dtype)
+        losses = -logsigmoid(beta * h + alpha * length_gap)
+    else:
+        losses = -logsigmoid(beta * h - gamma)
+    if sft_weight != 0.0:
+        chosen_mean = _score(policy_chosen.sum, policy_chosen.count, 1.0, dtype)
+        losses = losses - sft_weight * chosen_mean
+
+    chosen_rewards = (beta * chosen_score).detach()
+    rejected_rewards = (beta * rejected_score).detach()
+    margins = chosen_rewards - rejected_rewards
+    accuracies = torch.where(margins.isnan(), margins, (margins > 0).to(dtype))
+    return PreferenceLossOutput(
+        loss=losses.mean(),
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        margins=margins,
+        accuracies=accuracies,
+        chosen_lengths=policy_chosen.count,
+        rejected_lengths=policy_rejected.count,
+    )
+
+
+def _rows(logps: SequenceLogProbs, rows: slice) -> SequenceLogProbs:
+    return SequenceLogProbs(
+        *(field[rows] if isinstance(field, torch.Tensor) else field for field in logps)
+    )
+
+
+def _halves(logps: SequenceLogProbs) -> tuple[SequenceLogProbs, SequenceLogProbs]:
+    """Split 2B sequences into the first B (chosen) and the last B (rejected)."""
+    n_pairs = logps.sum.shape[0] // 2
+    return _rows(logps, slice(None, n_pairs)), _rows(logps, slice(n_pairs, None))
+
+
+def preference_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    ref_logps: SequenceLogProbs | None = None,
+    *,
+    shift: bool = True,
+    backend: str = "auto",
+    loss_type: str = "sigmoid",
+    **loss_kwargs: Any,
+) -> PreferenceLossOutput:
+    """``preference_loss`` of a concatenated batch in TRL's layout, in one kernel call.
+
+    Rows 0..B-1 hold the chosen completions and rows B..2B-1 the rejected ones, pair i
+    being rows i and B + i. ``sequence_logprobs`` runs once over all 2B rows.
+
+    Args:
+        logits: [2B, T, V] policy logits; float16, bfloat16, float32 or float64.
+        labels: [2B, T] integer labels; ``-100`` marks positions that never count (prompt,
+            padding).
+        mask: optional [2B, T] bool or integer mask of the counted positions (e.g. the
+            completion mask), aligned with the labels.
+        ref_logps: SequenceLogProbs of the same 2B rows under the reference model, in the
+            same layout; None for "simpo".
+        shift: Hugging Face causal-LM convention: the label at position t is scored with
+            the logits at t - 1 (the default, as for raw ``model(...).logits``).
+        backend: "auto", "triton" or "torch", forwarded to ``sequence_logprobs``.
+        loss_type: as in ``preference_loss``.
+        **loss_kwargs: the other keyword arguments of ``preference_loss`` (beta,
+            length_normalization, gamma, alpha, label_smoothing, sft_weight).
+
+    Returns:
+        PreferenceLossOutput, the loss differentiable in ``logits``.
+
+    Raises:
+        ValueError: naming the argument, for logits that are not [2B, T, V] with an even
+            row count, a ``ref_logps`` of the wrong size or presence for ``loss_type``,
+            and everything ``sequence_logprobs`` and ``preference_loss`` refuse.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        _fail("logits", "a [2B, T, V] tensor (B chosen rows, then B rejected rows)", got)
+    n_rows = logits.shape[0]
+    if n_rows % 2 != 0:
+        _fail("logits", "an even number of rows (B chosen, then B rejected)", n_rows)
+    # checked before the forward pass, so that a misconfiguration costs no kernel time
+    loss_type = _check_loss_type(loss_type)
+    _check_reference_presence(loss_type, "ref_logps", ref_logps)
+    if ref_logps is not None:
+        ref_logps = _check_logps("ref_logps", ref_logps)
+        if ref_logps.sum.shape[0] != n_rows:
+            _fail("ref_logps", f"{n_rows} sequences (logits.shape[0])", ref_logps.sum.shape[0])
+        if ref_logps.sum.device != logits.device:
+            _fail(
+                "ref_logps",
+                f"tensors on {logits.device} (the logits' device)",
+                ref_logps.sum.device,
+            )
+    policy = sequence_logprobs(logits, labels, mask, shift=shift, backend=backend)
+    policy_chosen, policy_rejected = _halves(policy)
+    ref_chosen, ref_rejected = _halves(ref_logps) if ref_logps is not None else (None, None)
+    return preference_loss(
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        loss_type=loss_type,
+        **loss_kwargs,
+    )

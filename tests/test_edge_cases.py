@@ -13,6 +13,7 @@ from helpers import (
     weighted_objective,
 )
 
+import lenalign.torch_backend
 from lenalign import sequence_logprobs
 from lenalign.layout import build_layout
 
@@ -260,3 +261,16 @@ def test_inplace_backward_refuses_to_corrupt_another_use_of_the_logits(backend):
     out = sequence_logprobs(hidden, labels, inplace_backward=True, backend=backend)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum.sum().backward()
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 14, 30])
+def test_torch_backend_chunks_agree_with_truth(monkeypatch, chunk_elements):
+    # runs of counted rows cut into chunks of one, two and four rows of 7 logits
+    logits, labels, mask = random_problem(3, 9, 7, seed=21, masked_fraction=0.1)
+    whole_bf16 = _outputs_and_grad(logits.to(torch.bfloat16), labels, mask, "torch")
+    monkeypatch.setattr(lenalign.torch_backend, "CHUNK_ELEMENTS", chunk_elements)
+    _assert_matches_truth(logits, labels, mask, "torch", shift=True)
+    # 16-bit logits take the chunk-buffer path of the backward
+    chunked_bf16 = _outputs_and_grad(logits.to(torch.bfloat16), labels, mask, "torch")
+    for got, want in zip(chunked_bf16, whole_bf16, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

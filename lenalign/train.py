@@ -785,7 +785,7 @@ def train(
     Raises:
         ValueError: naming what is wrong, for bad data rows, paths or settings.
     """
-    with _cpu_threads(_thread_count(config, model)):
+    with cpu_threads(_thread_count(config, model)):
         return _train(config, model, tokenizer, train_pairs, eval_pairs, score_fn)
 
 
@@ -801,7 +801,8 @@ def _thread_count(config: TrainConfig, model: PreTrainedModel | None) -> int:
 
 
 @contextmanager
-def _cpu_threads(count: int) -> Iterator[None]:
+def cpu_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch CPU threads, then restore the previous count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:

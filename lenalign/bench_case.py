@@ -1,0 +1,617 @@
+"""One benchmark case: its inputs, the eager reference, the checks and the measurements.
+
+A case is one logits shape and dtype on one device. ``run_case`` builds the preference
+batch, computes the eager reference, then for each mode and contender: runs it once and
+checks sum, mean and (with backward) the logits gradient against the reference, and only
+if they agree measures its peak memory above the inputs and its median time. It runs in
+the worker process that ``lenalign bench`` starts, so that the host memory it reads is
+this process's alone; the pytest-benchmark suite reuses the same pieces.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import logging
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+
+import torch
+
+from .bench_contenders import (
+    CONTENDERS,
+    FORWARD,
+    Contender,
+    SequenceFn,
+    load_extra_contender,
+)
+from .reference import reference_sequence_logprobs
+
+MiB = 1 << 20
+# rows compared at a time: two 64 MiB float32 buffers whatever the logits' size
+COMPARE_CHUNK_ELEMENTS = 1 << 24
+# bigger than any GPU's L2, so a zero_() of it evicts the previous call's data
+CACHE_FLUSH_BYTES = 256 * MiB
+
+# (sum, mean, logits gradient or None)
+StepOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """The shape, dtype and device of one case; picklable, so it can go to the worker."""
+
+    batch: int
+    steps: int
+    vocab: int
+    dtype: str
+    device: str
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.batch}x{self.steps}x{self.vocab} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What to run in each case and how long to time it.
+
+    Each contender and mode is timed ``repeats`` times, or fewer (but at least
+    ``MIN_REPEATS``) once the timed calls add up to ``row_seconds``: on a loaded CPU a
+    call can take ten times its usual time, and the run must still end.
+    """
+
+    contenders: tuple[str, ...]
+    modes: tuple[str, ...]
+    repeats: int
+    row_seconds: float
+    extra_contenders: tuple[str, ...] = ()
+
+
+MIN_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Elementwise bound |got - want| <= atol + rtol * |want|."""
+
+    rtol: float
+    atol: float
+
+
+def tolerances(dtype: torch.dtype) -> dict[str, Tolerance]:
+    """Tolerances of sum, mean and gradient against the eager reference.
+
+    With fp32 logits every contender computes in fp32, so results agree to about 1e-6.
+    With 16-bit logits the gradient is rounded to that dtype, where two right answers can
+    differ by one ulp (2^-8 relative), and TRL takes the log-softmax in that dtype, which
+    moves a sum of thousands of tokens by about 1e-4 relative; a wrong result (a missed
+    shift or mask, a gradient not divided by the count) is off by far more than either.
+    """
+    wide = dtype in (torch.float32, torch.float64)
+    outputs = Tolerance(rtol=1e-4, atol=1e-4) if wide else Tolerance(rtol=1e-3, atol=1e-3)
+    grad = Tolerance(rtol=1e-4, atol=1e-6) if wide else Tolerance(rtol=1.6e-2, atol=1e-5)
+    return {"sum": outputs, "mean": outputs, "grad": grad}
+
+
+@dataclass
+class Workload:
+    """The preference batch of a case, shared by all contenders.
+
+    ``logits`` is a leaf that requires grad; ``labels`` are valid tokens everywhere and
+    ``mask`` marks one completion span per sequence, about half of the positions. The
+    backward differentiates ``sum(weight_sum * seq_sum + weight_mean * seq_mean)`` so that
+    a contender's gradients of both outputs, per sequence, are checked.
+    """
+
+    spec: CaseSpec
+    logits: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    weight_sum: torch.Tensor
+    weight_mean: torch.Tensor
+    counted_rows: int
+    pristine: torch.Tensor | None = field(default=None, repr=False)
+
+    def keep_pristine(self) -> None:
+        """Copy the logits to the host once, before a call that may overwrite them."""
+        if self.pristine is None:
+            self.pristine = self.logits.detach().to("cpu", copy=True)
+
+    def restore(self) -> None:
+        """Put the original logits back after a contender that wrote into them."""
+        if self.pristine is not None:
+            with torch.no_grad():
+                self.logits.copy_(self.pristine)
+
+
+def make_workload(spec: CaseSpec) -> Workload:
+    """Random logits, labels and a completion mask counting about half of the positions."""
+    device = torch.device(spec.device)
+    dtype = getattr(torch, spec.dtype)
+    batch, steps, vocab = spec.batch, spec.steps, spec.vocab
+    generator = torch.Generator(device=device).manual_seed(spec.seed)
+    logits = torch.randn((batch, steps, vocab), generator=generator, device=device, dtype=dtype)
+    labels = torch.randint(0, vocab, (batch, steps), generator=generator, device=device)
+    # a prompt, a completion of 40 to 60% of the steps, then padding; the completion never
+    # starts at position 0, which the causal shift cannot score
+    host = torch.Generator().manual_seed(spec.seed)
+    lengths = (steps * (0.4 + 0.2 * torch.rand(batch, generator=host))).long().clamp(1, steps - 1)
+    starts = (torch.rand(batch, generator=host) * (steps - lengths)).long() + 1
+    positions = torch.arange(steps)
+    mask = (positions >= starts[:, None]) & (positions < (starts + lengths)[:, None])
+    weights = 0.5 + torch.rand(2, batch, generator=host)
+    return Workload(
+        spec=spec,
+        logits=logits.requires_grad_(True),
+        labels=labels,
+        mask=mask.to(device),
+        weight_sum=weights[0].to(device),
+        weight_mean=weights[1].to(device),
+        counted_rows=int(mask.sum()),
+    )
+
+
+@dataclass
+class Reference:
+    """The eager reference's sums and means (on the device) and gradient (on the host)."""
+
+    sum: torch.Tensor
+    mean: torch.Tensor
+    grad: torch.Tensor
+
+
+def eager_reference(workload: Workload) -> Reference:
+    """Run the eager reference one sequence at a time.
+
+    Sequences are independent, so this is the eager result of the whole batch; one at a
+    time it needs a B-th of eager's memory, which leaves a reference to check against even
+    where eager on the whole batch does not fit. The gradient is kept on the host, so it
+    does not count against the device memory of the contenders.
+    """
+    logits = workload.logits.detach()
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device="cpu")
+    sums, means = [], []
+    for index in range(logits.shape[0]):
+        row = slice(index, index + 1)
+        piece = logits[row].requires_grad_(True)
+        out = reference_sequence_logprobs(
+            piece, workload.labels[row], workload.mask[row], shift=True
+        )
+        loss = workload.weight_sum[row] * out.sum + workload.weight_mean[row] * out.mean
+        (piece_grad,) = torch.autograd.grad(loss.sum(), piece)
+        grad[index] = piece_grad[0].cpu()
+        sums.append(out.sum.detach())
+        means.append(out.mean.detach())
+    return Reference(sum=torch.cat(sums), mean=torch.cat(means), grad=grad)
+
+
+def make_step(fn: SequenceFn, mode: str, workload: Workload) -> Callable[[], StepOutput]:
+    """The call that is checked, measured and timed for one contender in one mode.
+
+    Forward only runs under no_grad on logits that do not require grad, as a reference
+    model's log-likelihoods are computed; forward + backward returns the gradient through
+    ``torch.autograd.grad``, as it would flow on into the LM head, rather than accumulating
+    it into ``.grad`` (which would copy a gradient written over the logits).
+    """
+    if mode == FORWARD:
+
+        def forward() -> StepOutput:
+            with torch.no_grad():
+                seq_sum, seq_mean = fn(workload.logits.detach())
+            return seq_sum, seq_mean, None
+
+        return forward
+
+    def forward_backward() -> StepOutput:
+        seq_sum, seq_mean = fn(workload.logits)
+        loss = (workload.weight_sum * seq_sum + workload.weight_mean * seq_mean).sum()
+        (grad,) = torch.autograd.grad(loss, workload.logits)
+        return seq_sum.detach(), seq_mean.detach(), grad
+
+    return forward_backward
+
+
+def worst_ratio(got: torch.Tensor, want: torch.Tensor, tolerance: Tolerance) -> float:
+    """Largest |got - want| / (atol + rtol * |want|): at most 1 within tolerance.
+
+    Computed in float32 (float64 for float64 inputs), in which the difference of two close
+    values is exact, a chunk of rows at a time in two buffers reused from chunk to chunk:
+    a multi-GiB gradient then needs no multi-GiB temporary, and no fresh pages (which on a
+    CPU cost more than the arithmetic). NaN or a shape mismatch count as infinitely far.
+    """
+    if got.shape != want.shape:
+        return math.inf
+    compute = torch.float64 if torch.float64 in (got.dtype, want.dtype) else torch.float32
+    width = got.shape[-1] if got.dim() > 1 else max(got.numel(), 1)
+    got_rows, want_rows = got.detach().reshape(-1, width), want.reshape(-1, width)
+    rows = max(1, min(got_rows.shape[0], COMPARE_CHUNK_ELEMENTS // width))
+    error = torch.empty((rows, width), dtype=compute, device=got.device)
+    scale = torch.empty_like(error)
+    worst = 0.0
+    for got_chunk, want_chunk in zip(got_rows.split(rows), want_rows.split(rows), strict=True):
+        count = got_chunk.shape[0]
+        chunk_error, chunk_scale = error[:count], scale[:count]
+        chunk_scale.copy_(want_chunk)
+        torch.sub(got_chunk, chunk_scale, out=chunk_error)
+        chunk_scale.abs_().mul_(tolerance.rtol).add_(tolerance.atol)
+        chunk_error.abs_().div_(chunk_scale).nan_to_num_(nan=math.inf)
+        worst = max(worst, float(chunk_error.max()))
+    return worst
+
+
+def check(
+    out: StepOutput, reference: Reference, dtype: torch.dtype
+) -> tuple[dict[str, float], str | None]:
+    """Compare a step's outputs with the reference: (worst ratio per quantity, failure)."""
+    seq_sum, seq_mean, grad = out
+    pairs = {"sum": (seq_sum, reference.sum), "mean": (seq_mean, reference.mean)}
+    if grad is not None:
+        pairs["grad"] = (grad, reference.grad)
+    limits = tolerances(dtype)
+    ratios = {name: worst_ratio(got, want, limits[name]) for name, (got, want) in pairs.items()}
+    wrong = [
+        f"{name} is off by up to {ratio:.3g}x the tolerance "
+        f"(rtol {limits[name].rtol:g}, atol {limits[name].atol:g})"
+        for name, ratio in ratios.items()
+        if not ratio <= 1.0
+    ]
+    return ratios, ("wrong result: " + "; ".join(wrong)) if wrong else None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CPU work is already done when a call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Times one call: CUDA events after an L2 flush on a GPU, the wall clock on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._flush = (
+            torch.empty(CACHE_FLUSH_BYTES, dtype=torch.uint8, device=device)
+            if device.type == "cuda"
+            else None
+        )
+
+    def time(self, call: Callable[[], object]) -> float:
+        """Seconds that ``call`` took; its result is freed only after the clock stops."""
+        if self._flush is not None:
+            self._flush.zero_()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = call()
+            end.record()
+            end.synchronize()
+            del result
+            return start.elapsed_time(end) / 1e3
+        started = time.perf_counter()
+        result = call()
+        elapsed = time.perf_counter() - started
+        del result
+        return elapsed
+
+
+def copy_bandwidth(device: torch.device, clock: Clock) -> float:
+    """Bytes per second (read + write) of a large copy on the device, the bandwidth yardstick."""
+    nbytes = (1 << 30) if device.type == "cuda" else (1 << 28)
+    source = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    synchronize(device)
+    seconds = statistics.median(clock.time(lambda: target.copy_(source)) for _ in range(7))
+    return 2 * nbytes / seconds
+
+
+class HostPeakMemory:
+    """Peak resident memory of this process above its level at ``start()`` (Linux).
+
+    PyTorch's CPU allocations bypass any allocator statistics, so the kernel's own count
+    is read: writing 5 to /proc/self/clear_refs resets the high-water mark VmHWM to the
+    current resident size, after malloc_trim has handed freed heap pages back, so that the
+    baseline holds live data only and memory reused from earlier calls is seen again.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")
+        except OSError as error:
+            self.reason = f"cannot reset the peak resident size ({error}); needs Linux"
+        libc_name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(libc_name) if libc_name else None
+        self._malloc_trim = getattr(libc, "malloc_trim", None)
+        self._base = 0
+
+    @staticmethod
+    def _status_bytes(key: str) -> int:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{key} missing from /proc/self/status")
+
+    def start(self) -> None:
+        gc.collect()
+        if self._malloc_trim is not None:
+            self._malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        self._base = self._status_bytes("VmRSS")
+
+    def stop(self) -> int:
+        return self._status_bytes("VmHWM") - self._base
+
+
+class CudaPeakMemory:
+    """Peak bytes allocated through PyTorch's CUDA allocator above the level at ``start()``."""
+
+    reason: str | None = None
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._base = torch.cuda.memory_allocated(self.device)
+
+    def stop(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - self._base
+
+
+def peak_memory_probe(device: torch.device) -> HostPeakMemory | CudaPeakMemory:
+    """The peak-memory measure of the device: allocator statistics on CUDA, else the host's."""
+    return CudaPeakMemory(device) if device.type == "cuda" else HostPeakMemory()
+
+
+class OtherCpuUse:
+    """CPU time that other processes used during a measurement, in cores (Linux).
+
+    Timings on a shared machine are only as good as its quiet: when another process takes
+    one of two cores, PyTorch's parallel regions wait for it, and a call can take many
+    times as long. The busy time of all CPUs (/proc/stat) minus this process's own, over
+    the elapsed time, says how much of the machine others took meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start: tuple[float, float, float] | None = None
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(value) for value in stat.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        busy = (user + nice + system + irq + softirq + steal) / self._tick
+        own = os.times()
+        return busy, own.user + own.system, time.perf_counter()
+
+    def start(self) -> None:
+        self._start = self._sample()
+
+    def stop(self) -> float | None:
+        end = self._sample()
+        if self._start is None or end is None or end[2] <= self._start[2]:
+            return None
+        busy, own, wall = (b - a for a, b in zip(self._start, end, strict=True))
+        return max(0.0, (busy - own) / wall)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    # the CPU allocator reports exhaustion as a plain RuntimeError
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def measure(
+    contender: Contender,
+    mode: str,
+    workload: Workload,
+    reference: Reference,
+    clock: Clock,
+    probe: HostPeakMemory | CudaPeakMemory,
+    options: RunOptions,
+) -> dict:
+    """Check one contender in one mode, then (if right) measure its memory and time.
+
+    The first call compiles or autotunes where the contender does, so it is both the
+    check and the warm-up; its duration is kept as ``first_call_s``. Then one call under
+    the memory probe, then the timed calls. A contender that writes into the
+    logits gets the original logits for the check; the later calls see what it wrote,
+    which changes the values but not the work, and the logits are restored afterwards.
+    """
+    row: dict = {"contender": contender.name, "mode": mode, "status": "ok", "reason": None}
+    device = workload.logits.device
+    try:
+        if contender.overwrites_logits:
+            workload.keep_pristine()
+        step = make_step(contender.build(workload), mode, workload)
+        started = time.perf_counter()
+        out = step()
+        synchronize(device)
+        row["first_call_s"] = time.perf_counter() - started
+        row["check"], wrong = check(out, reference, workload.logits.dtype)
+        del out
+        if wrong:
+            return {**row, "status": "failed", "reason": wrong}
+        if probe.reason is None:
+            probe.start()
+            out = step()
+            row["peak_bytes"] = probe.stop()
+            del out
+        times: list[float] = []
+        least = min(MIN_REPEATS, options.repeats)
+        others = OtherCpuUse()
+        others.start()
+        while len(times) < options.repeats and (
+            len(times) < least or sum(times) < options.row_seconds
+        ):
+            times.append(clock.time(step))
+        row["other_cpu_cores"] = others.stop()
+        row["times_s"] = times
+        row["median_s"] = statistics.median(times)
+    except Exception as error:  # any failure of a contender is a result, not a crash
+        status = "oom" if _out_of_memory(error) else "failed"
+        row = {**row, "status": status, "reason": f"{type(error).__name__}: {error}"}
+    finally:
+        if contender.overwrites_logits:
+            workload.restore()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def add_derived(case: dict) -> None:
+    """Add the figures computed from the measurements: ratios to eager and bandwidth.
+
+    The byte floor is the logits' bytes of the counted rows read once by the forward and,
+    with the backward, read again and written as the gradient: 1x or 3x
+    ``element size * counted rows * V``.
+    """
+    eager = {
+        row["mode"]: row
+        for row in case["results"]
+        if row["contender"] == "eager" and row["status"] == "ok"
+    }
+    floor_forward = case["element_size"] * case["counted_rows"] * case["vocab"]
+    for row in case["results"]:
+        if row["status"] != "ok":
+            continue
+        base = eager.get(row["mode"])
+        peak = row.get("peak_bytes")
+        floor_bytes = floor_forward * (1 if row["mode"] == FORWARD else 3)
+        row["floor_bytes"] = floor_bytes
+        row["floor_bytes_per_s"] = floor_bytes / row["median_s"]
+        row["floor_pct_of_copy"] = 100 * row["floor_bytes_per_s"] / case["copy_bytes_per_s"]
+        row["time_vs_eager"] = row["median_s"] / base["median_s"] if base else None
+        row["peak_vs_logits"] = peak / case["logits_bytes"] if peak is not None else None
+        row["peak_vs_eager"] = (
+            peak / base["peak_bytes"]
+            if base and peak is not None and base.get("peak_bytes")
+            else None
+        )
+
+
+def machine_description(device: torch.device) -> dict:
+    """The device and software the figures come from."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as cpuinfo:
+                models = [line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line]
+            name = models[0] if models else name
+        except OSError:
+            pass
+        name = f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return {
+        "device": device.type,
+        "name": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def resolve_contenders(options: RunOptions) -> list[Contender]:
+    """The contenders of a run, extras last."""
+    chosen = [CONTENDERS[name] for name in options.contenders]
+    return chosen + [load_extra_contender(spec) for spec in options.extra_contenders]
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_case(spec: CaseSpec, options: RunOptions) -> dict:
+    """Measure every selected contender in every mode on one case; a JSON-ready dict."""
+    device = torch.device(spec.device)
+    clock = Clock(device)
+    bandwidth = copy_bandwidth(device, clock)
+    workload = make_workload(spec)
+    reference = eager_reference(workload)
+    probe = peak_memory_probe(device)
+    contenders = resolve_contenders(options)
+    logits = workload.logits
+    case = {
+        **asdict(spec),
+        "label": spec.label,
+        "positions": spec.batch * spec.steps,
+        "counted_rows": workload.counted_rows,
+        "element_size": logits.element_size(),
+        "logits_bytes": logits.numel() * logits.element_size(),
+        "copy_bytes_per_s": bandwidth,
+        "memory_note": probe.reason,
+        "machine": machine_description(device),
+        "error": None,
+        "results": [],
+    }
+    for mode in options.modes:
+        for contender in contenders:
+            if mode not in contender.modes:
+                continue
+            reason = contender.unavailable(device)
+            if reason is not None:
+                row = {"contender": contender.name, "mode": mode, "status": "skipped"}
+                case["results"].append({**row, "reason": reason})
+                continue
+            row = measure(contender, mode, workload, reference, clock, probe, options)
+            case["results"].append(row)
+            shown = f"{row['median_s'] * 1e3:.1f} ms" if row["status"] == "ok" else row["status"]
+            _progress(f"  {spec.label}  {mode:<16} {contender.name:<24} {shown}")
+    add_derived(case)
+    return case
+
+
+def _die_with_parent() -> None:
+    """Have Linux send this process SIGTERM when its parent dies.
+
+    A benchmark parent stopped by ``timeout`` or SIGKILL runs no cleanup, and a worker
+    left behind would hold the GPU, or both CPU cores, for minutes.
+    """
+    if sys.platform != "linux":
+        return
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(libc_name).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def worker_main(connection: Connection) -> None:
+    """Entry point of the worker process: run the cases the parent sends until it sends None."""
+    _die_with_parent()
+    # dynamo reports each graph break of the reference's argument checks as a warning;
+    # they are expected and would bury the progress lines
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    while (message := connection.recv()) is not None:
+        spec, options = message
+        connection.send(run_case(spec, options))
+    connection.close()

@@ -43,6 +43,13 @@ class PreparedCase:
     probe: HostPeakMemory | CudaPeakMemory
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # raised inside torch by torch.compile itself, once per compiled graph: not ours to fix
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+    )
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--bench-shape",

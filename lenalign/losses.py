@@ -341,8 +341,8 @@ def _rows(logps: SequenceLogProbs, rows: slice) -> SequenceLogProbs:
     )
 
 
-def _halves(logps: SequenceLogProbs) -> tuple[SequenceLogProbs, SequenceLogProbs]:
-    """Split 2B sequences into the first B (chosen) and the last B (rejected)."""
+def split_pairs(logps: SequenceLogProbs) -> tuple[SequenceLogProbs, SequenceLogProbs]:
+    """Split the 2B sequences of a TRL-layout batch into (chosen [B], rejected [B])."""
     n_pairs = logps.sum.shape[0] // 2
     return _rows(logps, slice(None, n_pairs)), _rows(logps, slice(n_pairs, None))
 
@@ -406,8 +406,8 @@ def preference_loss_from_logits(
                 ref_logps.sum.device,
             )
     policy = sequence_logprobs(logits, labels, mask, shift=shift, backend=backend)
-    policy_chosen, policy_rejected = _halves(policy)
-    ref_chosen, ref_rejected = _halves(ref_logps) if ref_logps is not None else (None, None)
+    policy_chosen, policy_rejected = split_pairs(policy)
+    ref_chosen, ref_rejected = split_pairs(ref_logps) if ref_logps is not None else (None, None)
     return preference_loss(
         policy_chosen,
         policy_rejected,

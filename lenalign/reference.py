@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .function import accumulate_dtype
 from .layout import build_layout, rows_to_labels
 from .outputs import SequenceLogProbs
 
@@ -30,7 +31,7 @@ def reference_sequence_logprobs(
     returned. Differentiable through ordinary autograd.
     """
     if compute_dtype is None:
-        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        compute_dtype = accumulate_dtype(logits.dtype)
     layout = build_layout(logits, labels, mask, ignore_index, shift, cu_seqlens)
     vocab = layout.logits3d.shape[-1]
     log_probs = torch.log_softmax(layout.logits3d.to(compute_dtype), dim=-1).reshape(-1, vocab)

@@ -41,7 +41,13 @@ from transformers import (
 )
 
 from .api import sequence_logprobs
-from .losses import LOSS_TYPES, REFERENCE_LOSS_TYPES, PreferenceLossOutput, preference_loss
+from .losses import (
+    LOSS_TYPES,
+    REFERENCE_LOSS_TYPES,
+    PreferenceLossOutput,
+    preference_loss,
+    split_pairs,
+)
 from .outputs import SequenceLogProbs
 from .synthetic import case_task_score, make_case_pairs
 from .tiny import build_byte_tokenizer, build_tiny_llama
@@ -290,16 +296,6 @@ def forward_logits(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         )
     return outputs.logits
-
-
-def split_pairs(logps: SequenceLogProbs) -> PairLogProbs:
-    """Split the 2B sequences of a concatenated batch into (chosen [B], rejected [B])."""
-    n_pairs = logps.sum.shape[0] // 2
-
-    def rows(part: slice) -> SequenceLogProbs:
-        return SequenceLogProbs(*(None if f is None else f[part] for f in logps))
-
-    return rows(slice(None, n_pairs)), rows(slice(n_pairs, None))
 
 
 def completion_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> PairLogProbs:

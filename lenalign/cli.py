@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "bench": ("lenalign.bench", "benchmark lenalign against eager PyTorch"),
     "train": ("lenalign.train", "preference-train a causal LM through the fused loss"),
     "study": ("lenalign.study", "length-versus-score study of sum and mean normalization"),
+    "codegen": ("lenalign.codegen", "compile the kernels for a GPU architecture, without one"),
 }
 
 

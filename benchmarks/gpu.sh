@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The GPU suite on a lent GPU box: `lenalign bench` (bf16, every vocabulary at 4k and 16k
-# tokens, every contender installed there) and one case of the pytest-benchmark suite.
+# Everything a lent GPU box is for, in one run, in this order:
+#   1. the kernel tests on the GPU (compiled, not interpreted; tests/test_gpu.py goes past
+#      2**31 logits): tests.log
+#   2. benchmarks/tune.py, the (BLOCK_V, num_warps) sweep of the row kernels: tune.*
+#   3. `lenalign bench` (bf16, every vocabulary at 4k and 16k tokens, every contender
+#      installed there): bench.*, and one case of the pytest-benchmark suite
 #
 #   benchmarks/gpu.sh RESULTS_DIR
 #
 # Run from anywhere in a checkout on a machine whose python3 (or $PYTHON) has torch and
 # triton. Nothing is downloaded or built: the checkout is put on PYTHONPATH as the package
-# lenalign. RESULTS_DIR receives bench.json, bench.md, bench.png, the logs and, where
-# pytest-benchmark is installed, pytest-benchmark.json. Exits with the status of
-# `lenalign bench`.
+# lenalign. RESULTS_DIR receives machine.txt, the logs, tests.log, tune.json/tune.md,
+# bench.json/bench.md/bench.png and, where pytest-benchmark is installed,
+# pytest-benchmark.json. A step that fails does not stop the later ones; the exit status
+# is that of the first step that failed.
 set -euo pipefail
 
 if [ $# -ne 1 ]; then
@@ -19,6 +24,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$1"
 out=$(cd "$1" && pwd)
 python=${PYTHON:-python3}
+# a relative path would break once the script moves into the results folder
+if [[ $python == */* ]]; then python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python"); fi
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
@@ -47,15 +54,30 @@ fi
 cd "$out"
 set +e
 SECONDS=0
-"$python" -m lenalign.cli bench --device cuda --out "$out" 2>&1 | tee "$out/bench.log"
-status=${PIPESTATUS[0]}
-echo "lenalign bench: exit status $status after ${SECONDS} s" | tee -a "$out/bench.log"
+status=0
+step() { # step NAME LOG COMMAND...: run, log, keep the first failure's status
+	local name=$1 log=$2 started=$SECONDS code
+	shift 2
+	"$@" 2>&1 | tee "$out/$log"
+	code=${PIPESTATUS[0]}
+	echo "$name: exit status $code after $((SECONDS - started)) s" | tee -a "$out/$log"
+	if [ "$status" -eq 0 ]; then status=$code; fi
+}
+
+# the tests that exercise the kernels; the trainer, study, bench and packaging tests run
+# on CPU anyway, and the codegen test is what this box does for real
+step "kernel tests" tests.log "$python" -m pytest -q -rs -p no:cacheprovider --rootdir "$repo" \
+	"$repo/tests/test_gpu.py" "$repo/tests/test_gradcheck.py" "$repo/tests/test_accuracy.py" \
+	"$repo/tests/test_edge_cases.py" "$repo/tests/test_errors.py" "$repo/tests/test_losses.py" \
+	"$repo/tests/test_tune.py"
+step "tune" tune.log "$python" "$repo/benchmarks/tune.py" --out "$out"
+step "lenalign bench" bench.log "$python" -m lenalign.cli bench --device cuda --out "$out"
 
 if "$python" -c "import pytest_benchmark" 2>/dev/null; then
 	# one case, 16k tokens of a Llama-3 vocabulary: the suite is lenalign bench's
-	"$python" -m pytest "$repo/benchmarks" --benchmark-only -q -rs -p no:cacheprovider \
-		--rootdir "$repo" --bench-shape 8x2048x128256 \
-		--benchmark-json "$out/pytest-benchmark.json" 2>&1 | tee "$out/pytest-benchmark.log"
+	step "pytest-benchmark" pytest-benchmark.log "$python" -m pytest "$repo/benchmarks" \
+		--benchmark-only -q -rs -p no:cacheprovider --rootdir "$repo" \
+		--bench-shape 8x2048x128256 --benchmark-json "$out/pytest-benchmark.json"
 else
 	echo "pytest-benchmark is not installed: pytest suite skipped" | tee "$out/pytest-benchmark.log"
 fi

@@ -73,13 +73,17 @@ def row_logprob_backward(
     log_sum: torch.Tensor,
     coef: torch.Tensor,
     grad: torch.Tensor,
+    launch: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Write dL/dlogits for all N rows into ``grad`` (shape of ``logits3d``; may be it)."""
+    """Write dL/dlogits for all N rows into ``grad`` (shape of ``logits3d``; may be it).
+
+    ``launch`` = (BLOCK_V, num_warps) overrides the heuristic (benchmarks/tune.py sweeps it).
+    """
     batch, steps, vocab = logits3d.shape
     n_rows = batch * steps
     if n_rows == 0:
         return grad
-    block, warps = vocab_block(vocab, logits3d.element_size())
+    block, warps = launch or vocab_block(vocab, logits3d.element_size())
     _row_logprob_backward_kernel[(n_rows,)](
         logits3d,
         grad,

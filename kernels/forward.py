@@ -71,11 +71,15 @@ def _row_logprob_forward_kernel(
 
 
 def row_logprob_forward(
-    logits3d: torch.Tensor, targets: torch.Tensor, acc: torch.dtype
+    logits3d: torch.Tensor,
+    targets: torch.Tensor,
+    acc: torch.dtype,
+    launch: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward over all N rows of ``logits3d`` [B, T, V].
 
     Returns (logprob [N], row_max [N], log_sum [N]), of dtype ``acc`` (float32/float64).
+    ``launch`` = (BLOCK_V, num_warps) overrides the heuristic (benchmarks/tune.py sweeps it).
     """
     batch, steps, vocab = logits3d.shape
     n_rows = batch * steps
@@ -84,7 +88,7 @@ def row_logprob_forward(
     log_sum = torch.empty(n_rows, dtype=acc, device=logits3d.device)
     if n_rows == 0:
         return logprob, row_max, log_sum
-    block, warps = vocab_block(vocab, logits3d.element_size())
+    block, warps = launch or vocab_block(vocab, logits3d.element_size())
     _row_logprob_forward_kernel[(n_rows,)](
         logits3d,
         targets,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import lenalign.kernels
 import pytest
 import torch
 
+import lenalign.kernels
 from lenalign import sequence_logprobs
 
 

@@ -8,9 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-import lenalign.kernels
-
 import lenalign
+import lenalign.kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 

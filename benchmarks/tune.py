@@ -136,8 +136,7 @@ def sweep(
             if row["failure"] is None:
                 call(launch)
                 seconds = statistics.median(
-                    clock.time(lambda call=call, launch=launch: call(launch))
-                    for _ in range(calls)
+                    clock.time(lambda call=call, launch=launch: call(launch)) for _ in range(calls)
                 )
                 row["seconds"] = seconds
                 row["bytes_per_s"] = floor_bytes[kernel] / seconds

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import importlib.metadata
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from .bench_contenders import (
+    CONTENDER_DISTRIBUTIONS,
     CONTENDERS,
     FORWARD,
     Contender,
@@ -538,7 +540,16 @@ def machine_description(device: torch.device) -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # what a third-party contender runs depends on its version (TRL's, for one)
+        "packages": {dist: _installed_version(dist) for dist in CONTENDER_DISTRIBUTIONS},
     }
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def resolve_contenders(options: RunOptions) -> list[Contender]:

@@ -28,6 +28,8 @@ FORWARD_BACKWARD = "forward+backward"
 MODES = (FORWARD, FORWARD_BACKWARD)
 # the label value the third-party contenders are told to ignore
 IGNORE_INDEX = -100
+# the distributions of the third-party contenders, whose versions each run records
+CONTENDER_DISTRIBUTIONS = ("liger-kernel", "trl")
 
 SequenceFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -223,7 +225,8 @@ CONTENDERS: dict[str, Contender] = {
         ),
         Contender(
             "trl",
-            "trl.trainer.utils.selective_log_softmax on the shifted logits, masked sum and mean",
+            "trl.trainer.utils.selective_log_softmax on the shifted logits, masked sum and "
+            "mean (from trl 1.14 on CUDA it runs TRL's own fused Triton kernel)",
             _trl,
             unavailable=_trl_unavailable,
         ),

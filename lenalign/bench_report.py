@@ -86,6 +86,10 @@ def machine_line(report: dict) -> str:
             return (
                 f"{machine['device']}: {machine['name']}; torch {machine['torch']}, "
                 f"triton {machine['triton']}, Python {machine['python']}"
+                + "".join(
+                    f", {dist} {version or 'not installed'}"
+                    for dist, version in machine["packages"].items()
+                )
             )
     return f"{report['device']} (no case reached the worker)"
 

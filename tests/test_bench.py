@@ -73,6 +73,11 @@ def test_prints_the_table_and_writes_the_files(bench_run):
     report = json.loads((out / "bench.json").read_text())
     assert report["device"] == "cpu" and report["cases"][0]["error"] is None
     assert "| mode | contender |" in (out / "bench.md").read_text()
+    # the third-party contenders' versions are part of the machine line
+    packages = report["cases"][0]["machine"]["packages"]
+    assert set(packages) == {"liger-kernel", "trl"}
+    for dist, version in packages.items():
+        assert f"{dist} {version or 'not installed'}" in result.stdout
     if importlib.util.find_spec("matplotlib") is None:
         assert "chart not written: matplotlib is not installed" in result.stdout
     else:

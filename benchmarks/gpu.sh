@@ -2,7 +2,8 @@
 # Everything a lent GPU box is for, in one run, in this order:
 #   1. the kernel tests on the GPU (compiled, not interpreted; tests/test_gpu.py goes past
 #      2**31 logits): tests.log
-#   2. benchmarks/tune.py, the (BLOCK_V, num_warps) sweep of the row kernels: tune.*
+#   2. benchmarks/tune.py, the (BLOCK_V, num_warps) sweep of the row kernels: tune.*, and
+#      benchmarks/linear_head.py, lenalign from hidden states against eager: linear_head.log
 #   3. `lenalign bench` (bf16, every vocabulary at 4k and 16k tokens, every contender
 #      installed there): bench.*, and one case of the pytest-benchmark suite
 #
@@ -69,8 +70,9 @@ step() { # step NAME LOG COMMAND...: run, log, keep the first failure's status
 step "kernel tests" tests.log "$python" -m pytest -q -rs -p no:cacheprovider --rootdir "$repo" \
 	"$repo/tests/test_gpu.py" "$repo/tests/test_gradcheck.py" "$repo/tests/test_accuracy.py" \
 	"$repo/tests/test_edge_cases.py" "$repo/tests/test_errors.py" "$repo/tests/test_losses.py" \
-	"$repo/tests/test_tune.py"
+	"$repo/tests/test_linear.py" "$repo/tests/test_tune.py"
 step "tune" tune.log "$python" "$repo/benchmarks/tune.py" --out "$out"
+step "linear head" linear_head.log "$python" "$repo/benchmarks/linear_head.py"
 step "lenalign bench" bench.log "$python" -m lenalign.cli bench --device cuda --out "$out"
 
 if "$python" -c "import pytest_benchmark" 2>/dev/null; then

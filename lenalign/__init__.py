@@ -1,6 +1,6 @@
 """lenalign: fused, length-normalized sequence log-likelihoods for direct alignment."""
 
-from .api import sequence_logprobs
+from .api import linear_sequence_logprobs, sequence_logprobs
 from .losses import (
     PreferenceLossOutput,
     preference_loss,
@@ -13,6 +13,7 @@ from .reference import reference_sequence_logprobs
 __all__ = [
     "PreferenceLossOutput",
     "SequenceLogProbs",
+    "linear_sequence_logprobs",
     "preference_loss",
     "preference_loss_from_logits",
     "reference_sequence_logprobs",

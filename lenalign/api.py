@@ -6,7 +6,8 @@ import torch
 
 from .backends import select_backend
 from .function import SequenceLogProbsFunction
-from .layout import build_layout
+from .layout import RowLayout, build_layout, build_linear_layout
+from .linear_function import LinearSequenceLogProbsFunction, default_chunk_rows
 from .outputs import SequenceLogProbs
 
 
@@ -51,19 +52,83 @@ def sequence_logprobs(
         ValueError: naming the argument, for wrong shapes, dtypes or devices, a label
             outside [0, V) at a counted position, or malformed ``cu_seqlens``.
     """
-    if not isinstance(return_token_logprobs, bool):
-        raise ValueError(
-            f"return_token_logprobs: expected a bool, got {type(return_token_logprobs).__name__}"
-        )
-    if not isinstance(inplace_backward, bool):
-        raise ValueError(
-            f"inplace_backward: expected a bool, got {type(inplace_backward).__name__}"
-        )
+    _check_flag("return_token_logprobs", return_token_logprobs)
+    _check_flag("inplace_backward", inplace_backward)
     layout = build_layout(logits, labels, mask, ignore_index, shift, cu_seqlens)
     kernels = select_backend(backend, logits.device)
-    seq_sum, seq_mean, seq_count, token_logprobs = SequenceLogProbsFunction.apply(
-        layout.logits3d, layout, kernels, inplace_backward
+    outputs = SequenceLogProbsFunction.apply(layout.rows3d, layout, kernels, inplace_backward)
+    return _package(outputs, layout, return_token_logprobs)
+
+
+def linear_sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    return_token_logprobs: bool = False,
+    chunk_rows: int | None = None,
+    backend: str = "auto",
+) -> SequenceLogProbs:
+    """``sequence_logprobs`` of ``hidden @ weight.T + bias``, without the [N, V] logits.
+
+    The LM head is applied to the counted rows only, a chunk of ``chunk_rows`` rows at a
+    time; each chunk's logits go through the same row kernels as ``sequence_logprobs``
+    and are freed, and the backward recomputes them chunk by chunk. Peak memory is one
+    chunk of logits instead of all of them (plus, over several chunks, a float32 sum of
+    the weight's gradient for 16-bit weights).
+
+    Args:
+        hidden: [B, T, H] hidden states entering the LM head (padded), or with
+            ``cu_seqlens`` [N, H] / [1, N, H] packed; float16, bfloat16, float32 or
+            float64; any strides.
+        weight: [V, H] LM-head weight (``lm_head.weight``), the hidden states' dtype and
+            device.
+        labels, mask, ignore_index, shift, cu_seqlens, return_token_logprobs, backend: as
+            for ``sequence_logprobs``, with ``hidden`` in place of the logits.
+        bias: optional [V] LM-head bias, the hidden states' dtype and device.
+        chunk_rows: counted rows projected at a time; default: as many as fit 256 MiB of
+            logits (1046 rows at V = 128256 in bf16).
+
+    Returns:
+        SequenceLogProbs as ``sequence_logprobs``; differentiable in ``hidden``,
+        ``weight`` and ``bias``. The logits are ``F.linear(hidden, weight, bias)`` in the
+        hidden states' dtype, as the model's own head computes them; logit scaling or
+        soft-capping (Gemma 2) is not applied: compute such logits and use
+        ``sequence_logprobs``.
+
+    Raises:
+        ValueError: naming the argument, as ``sequence_logprobs``, and for a weight or
+            bias whose shape, dtype or device does not match the hidden states.
+    """
+    _check_flag("return_token_logprobs", return_token_logprobs)
+    if chunk_rows is not None and (
+        isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
+    ):
+        raise ValueError(f"chunk_rows: expected a positive int or None, got {chunk_rows!r}")
+    layout = build_linear_layout(
+        hidden, weight, bias, labels, mask, ignore_index, shift, cu_seqlens
     )
+    kernels = select_backend(backend, hidden.device)
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(weight.shape[0], weight.element_size())
+    outputs = LinearSequenceLogProbsFunction.apply(
+        layout.rows3d, weight, bias, layout, kernels, chunk_rows
+    )
+    return _package(outputs, layout, return_token_logprobs)
+
+
+def _check_flag(argument: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{argument}: expected a bool, got {type(value).__name__}")
+
+
+def _package(outputs: tuple, layout: RowLayout, return_token_logprobs: bool) -> SequenceLogProbs:
+    seq_sum, seq_mean, seq_count, token_logprobs = outputs
     return SequenceLogProbs(
         sum=seq_sum,
         mean=seq_mean,

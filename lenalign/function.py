@@ -15,6 +15,30 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def row_coefficients(
+    layout: RowLayout,
+    seq_count: torch.Tensor,
+    grad_sum: torch.Tensor | None,
+    grad_mean: torch.Tensor | None,
+    grad_token: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """c[r] = counted[r] * (g_sum[s] + g_mean[s] / count[s] + g_token[r]), [N] of ``dtype``.
+
+    Folded in float64 (O(N) work) so that c[r] is rounded once, not once per term.
+    """
+    segment = layout.segment_ids
+    coef = torch.zeros(layout.targets.shape, dtype=torch.float64, device=layout.targets.device)
+    if grad_sum is not None:
+        coef += grad_sum.double()[segment]
+    if grad_mean is not None:
+        coef += (grad_mean.double() / seq_count.clamp(min=1))[segment]
+    if grad_token is not None:
+        coef += labels_to_rows(grad_token.reshape(-1).double(), layout.shift)
+    # uncounted rows are zeroed by the kernels; the mask here keeps c[r] honest
+    return torch.where(layout.targets >= 0, coef, torch.zeros_like(coef)).to(dtype)
+
+
 class SequenceLogProbsFunction(torch.autograd.Function):
     """(sum [S], mean [S], count [S], token_logprobs [N]) of a RowLayout's logits.
 
@@ -55,17 +79,7 @@ class SequenceLogProbsFunction(torch.autograd.Function):
             return None, None, None, None
         logits3d, row_max, log_sum, seq_count = ctx.saved_tensors
         layout: RowLayout = ctx.layout
-        segment = layout.segment_ids
-        # folded in float64 (O(N) work) so that c[r] is rounded once, not once per term
-        coef = torch.zeros(log_sum.shape, dtype=torch.float64, device=log_sum.device)
-        if grad_sum is not None:
-            coef += grad_sum.double()[segment]
-        if grad_mean is not None:
-            coef += (grad_mean.double() / seq_count.clamp(min=1))[segment]
-        if grad_token is not None:
-            coef += labels_to_rows(grad_token.reshape(-1).double(), layout.shift)
-        # uncounted rows are zeroed by the kernels; the mask here keeps c[r] honest
-        coef = torch.where(layout.targets >= 0, coef, torch.zeros_like(coef)).to(log_sum.dtype)
+        coef = row_coefficients(layout, seq_count, grad_sum, grad_mean, grad_token, log_sum.dtype)
         if ctx.inplace_backward:
             grad = logits3d
         else:

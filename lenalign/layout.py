@@ -1,9 +1,11 @@
 """Argument validation and the row layout that both backends consume.
 
-Every input layout is reduced to the same picture: N rows of logits addressed as
-``logits3d[r // T, r % T]`` (padded [B, T, V] keeps B and T; packed [N, V] becomes
-[1, N, V]), one int64 target per row (-1 where the row is not counted), and segment
-boundaries ``cu_seqlens`` over the rows (padded input gets ``arange(B + 1) * T``).
+Every input layout is reduced to the same picture: N rows addressed as
+``rows3d[r // T, r % T]`` (padded [B, T, .] keeps B and T; packed [N, .] becomes
+[1, N, .]), one int64 target per row (-1 where the row is not counted), and segment
+boundaries ``cu_seqlens`` over the rows (padded input gets ``arange(B + 1) * T``). The
+rows are logits [.., V] for ``sequence_logprobs`` and hidden states [.., H] for
+``linear_sequence_logprobs``, whose logits are the rows times the head's weight.
 
 ``shift=True`` costs one element of offset in that flat row space: the label at flat
 position p is scored by row p - 1, and the first position of every segment is never
@@ -24,7 +26,7 @@ INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64
 class RowLayout:
     """The normalized problem: what the autograd Function and the backends see."""
 
-    logits3d: torch.Tensor  # [B, T, V] view of the caller's logits, vocab stride 1
+    rows3d: torch.Tensor  # [B, T, V] logits (vocab stride 1) or [B, T, H] hidden states
     targets: torch.Tensor  # [N] int64 target of each row, -1 where the row is not counted
     cu_seqlens: torch.Tensor  # [S + 1] int64 row boundaries of the sequences
     segment_ids: torch.Tensor  # [N] int64 sequence of each row
@@ -42,30 +44,41 @@ def _check_tensor(argument: str, value: object) -> torch.Tensor:
     return value
 
 
-def _check_logits(logits: object, packed: bool) -> torch.Tensor:
-    logits = _check_tensor("logits", logits)
-    if logits.dtype not in FLOAT_DTYPES:
-        _fail("logits", "dtype float16, bfloat16, float32 or float64", logits.dtype)
+def _check_rows(argument: str, value: object, packed: bool, feature: str) -> torch.Tensor:
+    """Check logits ([.., V]) or hidden states ([.., H]): float dtype, 3-D or packed 2-D."""
+    rows = _check_tensor(argument, value)
+    if rows.dtype not in FLOAT_DTYPES:
+        _fail(argument, "dtype float16, bfloat16, float32 or float64", rows.dtype)
     if packed:
-        if not (logits.dim() == 2 or (logits.dim() == 3 and logits.shape[0] == 1)):
-            _fail("logits", "shape [N, V] or [1, N, V] with cu_seqlens", tuple(logits.shape))
-    elif logits.dim() != 3:
-        _fail("logits", "shape [B, T, V] (or [N, V] with cu_seqlens)", tuple(logits.shape))
-    if logits.shape[-1] < 1:
-        _fail("logits", "a vocabulary dimension of size >= 1", tuple(logits.shape))
-    return logits
+        if not (rows.dim() == 2 or (rows.dim() == 3 and rows.shape[0] == 1)):
+            _fail(
+                argument,
+                f"shape [N, {feature}] or [1, N, {feature}] with cu_seqlens",
+                tuple(rows.shape),
+            )
+    elif rows.dim() != 3:
+        _fail(
+            argument,
+            f"shape [B, T, {feature}] (or [N, {feature}] with cu_seqlens)",
+            tuple(rows.shape),
+        )
+    return rows
 
 
-def _check_companion(argument: str, value: object, logits: torch.Tensor, kind: str) -> torch.Tensor:
+def _check_companion(
+    argument: str, value: object, rows: torch.Tensor, rows_name: str, kind: str
+) -> torch.Tensor:
     value = _check_tensor(argument, value)
     if kind == "labels" and value.dtype not in INTEGER_DTYPES:
         _fail(argument, "an integer dtype", value.dtype)
     if kind == "mask" and value.dtype != torch.bool and value.dtype not in INTEGER_DTYPES:
         _fail(argument, "dtype bool or an integer dtype", value.dtype)
-    if tuple(value.shape) != tuple(logits.shape[:-1]):
-        _fail(argument, f"shape {tuple(logits.shape[:-1])} (logits.shape[:-1])", tuple(value.shape))
-    if value.device != logits.device:
-        _fail(argument, f"device {logits.device} (the logits' device)", value.device)
+    if tuple(value.shape) != tuple(rows.shape[:-1]):
+        _fail(
+            argument, f"shape {tuple(rows.shape[:-1])} ({rows_name}.shape[:-1])", tuple(value.shape)
+        )
+    if value.device != rows.device:
+        _fail(argument, f"device {rows.device} (the device of {rows_name})", value.device)
     return value
 
 
@@ -76,7 +89,7 @@ def _check_cu_seqlens(cu_seqlens: object, n_rows: int, device: torch.device) -> 
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         _fail("cu_seqlens", "a 1-D tensor [S + 1] with S >= 0", tuple(cu_seqlens.shape))
     if cu_seqlens.device != device:
-        _fail("cu_seqlens", f"device {device} (the logits' device)", cu_seqlens.device)
+        _fail("cu_seqlens", f"device {device} (the device of the rows)", cu_seqlens.device)
     bounds = cu_seqlens.to(torch.int64)
     first, last = int(bounds[0]), int(bounds[-1])
     if first != 0:
@@ -99,26 +112,89 @@ def build_layout(
     cu_seqlens: object,
 ) -> RowLayout:
     """Validate the arguments of ``sequence_logprobs`` and normalize them to a RowLayout."""
-    packed = cu_seqlens is not None
-    logits = _check_logits(logits, packed)
-    labels = _check_companion("labels", labels, logits, "labels")
-    if mask is not None:
-        mask = _check_companion("mask", mask, logits, "mask")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        _fail("ignore_index", "an int", type(ignore_index).__name__)
-    if not isinstance(shift, bool):
-        _fail("shift", "a bool", type(shift).__name__)
-
+    logits = _check_rows("logits", logits, cu_seqlens is not None, "V")
+    if logits.shape[-1] < 1:
+        _fail("logits", "a vocabulary dimension of size >= 1", tuple(logits.shape))
     vocab = logits.shape[-1]
     # only a non-unit vocab stride forces a copy; row strides stay as they are
     logits3d = logits.unsqueeze(0) if logits.dim() == 2 else logits
     if logits3d.stride(-1) != 1 and vocab > 1:
         logits3d = logits3d.contiguous()
-    batch, steps = logits3d.shape[0], logits3d.shape[1]
-    n_rows = batch * steps
-    device = logits.device
+    return _row_layout(
+        logits, logits3d, "logits", vocab, labels, mask, ignore_index, shift, cu_seqlens
+    )
 
-    if packed:
+
+def build_linear_layout(
+    hidden: object,
+    weight: object,
+    bias: object,
+    labels: object,
+    mask: object,
+    ignore_index: int,
+    shift: bool,
+    cu_seqlens: object,
+) -> RowLayout:
+    """Validate the arguments of ``linear_sequence_logprobs``; rows are the hidden states."""
+    hidden = _check_rows("hidden", hidden, cu_seqlens is not None, "H")
+    features = hidden.shape[-1]
+    weight = _check_tensor("weight", weight)
+    if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] != features:
+        _fail(
+            "weight",
+            f"shape [V, {features}] with V >= 1 (H = hidden.shape[-1])",
+            tuple(weight.shape),
+        )
+    if weight.dtype != hidden.dtype:
+        _fail("weight", f"dtype {hidden.dtype} (the dtype of hidden)", weight.dtype)
+    if weight.device != hidden.device:
+        _fail("weight", f"device {hidden.device} (the device of hidden)", weight.device)
+    vocab = weight.shape[0]
+    if bias is not None:
+        bias = _check_tensor("bias", bias)
+        if tuple(bias.shape) != (vocab,):
+            _fail("bias", f"shape ({vocab},) (weight.shape[0]) or None", tuple(bias.shape))
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            _fail(
+                "bias",
+                f"dtype {hidden.dtype} on {hidden.device} (those of hidden)",
+                f"{bias.dtype} on {bias.device}",
+            )
+    hidden3d = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
+    return _row_layout(
+        hidden, hidden3d, "hidden", vocab, labels, mask, ignore_index, shift, cu_seqlens
+    )
+
+
+def _row_layout(
+    rows: torch.Tensor,
+    rows3d: torch.Tensor,
+    rows_name: str,
+    vocab: int,
+    labels: object,
+    mask: object,
+    ignore_index: int,
+    shift: bool,
+    cu_seqlens: object,
+) -> RowLayout:
+    """The checks and the normalization common to both entries.
+
+    ``rows`` is the caller's tensor (the companions must match its shape), ``rows3d`` its
+    [B, T, .] view.
+    """
+    labels = _check_companion("labels", labels, rows, rows_name, "labels")
+    if mask is not None:
+        mask = _check_companion("mask", mask, rows, rows_name, "mask")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        _fail("ignore_index", "an int", type(ignore_index).__name__)
+    if not isinstance(shift, bool):
+        _fail("shift", "a bool", type(shift).__name__)
+
+    batch, steps = rows3d.shape[0], rows3d.shape[1]
+    n_rows = batch * steps
+    device = rows3d.device
+
+    if cu_seqlens is not None:
         bounds = _check_cu_seqlens(cu_seqlens, n_rows, device)
         lengths = bounds[1:] - bounds[:-1]
     else:
@@ -153,7 +229,7 @@ def build_layout(
     if shift and n_rows > 0:
         targets = torch.cat([targets[1:], targets.new_full((1,), -1)])
     return RowLayout(
-        logits3d=logits3d,
+        rows3d=rows3d,
         targets=targets,
         cu_seqlens=bounds,
         segment_ids=segment_ids,

@@ -33,8 +33,8 @@ def reference_sequence_logprobs(
     if compute_dtype is None:
         compute_dtype = accumulate_dtype(logits.dtype)
     layout = build_layout(logits, labels, mask, ignore_index, shift, cu_seqlens)
-    vocab = layout.logits3d.shape[-1]
-    log_probs = torch.log_softmax(layout.logits3d.to(compute_dtype), dim=-1).reshape(-1, vocab)
+    vocab = layout.rows3d.shape[-1]
+    log_probs = torch.log_softmax(layout.rows3d.to(compute_dtype), dim=-1).reshape(-1, vocab)
     counted = layout.targets >= 0
     picked = log_probs.gather(1, layout.targets.clamp(min=0)[:, None]).squeeze(1)
     row_logprob = torch.where(counted, picked, torch.zeros_like(picked))

@@ -107,8 +107,8 @@ def test_shifted_view_is_not_copied_and_matches(backend):
     logits, labels, mask = random_problem(2, 6, 9, seed=8)
     view = logits[:, :-1]
     layout = build_layout(view, labels[:, 1:], None, -100, False, None)
-    assert layout.logits3d.data_ptr() == view.data_ptr()
-    assert layout.logits3d.stride() == view.stride()
+    assert layout.rows3d.data_ptr() == view.data_ptr()
+    assert layout.rows3d.stride() == view.stride()
     _assert_matches_truth(view, labels[:, 1:], mask[:, 1:], backend)
     # shift=True on the full logits scores the same positions as the sliced view
     shifted = _outputs_and_grad(logits, labels, mask, backend, shift=True)

@@ -1,0 +1,125 @@
+"""From hidden states: eager PyTorch against ``linear_sequence_logprobs``, forward + backward.
+
+    python benchmarks/linear_head.py                      # CPU: 4 x 512 tokens, H = 256
+    python benchmarks/linear_head.py --shape 8x2048x4096x128256 --dtype bfloat16   # GPU
+
+Eager is what a trainer does with a model's head: ``F.linear`` to the full [B, T, V]
+logits, then the fp32 log_softmax, gather and masked sums of lenalign.reference.
+lenalign projects only the counted rows, a chunk at a time. Both get the same hidden
+states, head weight and labels (about half of the positions counted, shift=True), and
+differentiate the sequence means into the hidden states and the weight. lenalign's
+results are checked against eager's before anything is timed. Reports the median time
+and the peak memory above the inputs (host resident memory on CPU, PyTorch's allocator
+on a GPU), with the ratios to eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+
+from lenalign import linear_sequence_logprobs, reference_sequence_logprobs
+from lenalign.bench_case import Clock, machine_description, peak_memory_probe
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_SHAPES = {"cpu": ["4x512x256x32000", "4x512x256x128256"], "cuda": ["8x2048x4096x128256"]}
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected BxTxHxV of positive integers, got {text!r}")
+    batch, steps, features, vocab = (int(p) for p in parts)
+    return batch, steps, features, vocab
+
+
+def make_inputs(shape, dtype, device):
+    batch, steps, features, vocab = shape
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(batch, steps, features, generator=generator).to(device, dtype)
+    weight = (torch.randn(vocab, features, generator=generator) / features**0.5).to(device, dtype)
+    labels = torch.randint(0, vocab, (batch, steps), generator=generator).to(device)
+    # completions: the second half of each row, give or take, as in a preference batch
+    starts = torch.randint(steps // 3, 2 * steps // 3, (batch, 1), generator=generator)
+    mask = (torch.arange(steps)[None, :] >= starts).to(device)
+    return hidden, weight, labels, mask
+
+
+def eager_step(hidden, weight, labels, mask):
+    logits = torch.nn.functional.linear(hidden, weight)
+    return reference_sequence_logprobs(logits, labels, mask, shift=True).mean
+
+
+def lenalign_step(hidden, weight, labels, mask):
+    return linear_sequence_logprobs(hidden, weight, labels, mask, shift=True).mean
+
+
+def run_step(step: Callable, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden, weight, labels, mask = inputs
+    hidden = hidden.detach().requires_grad_(True)
+    weight = weight.detach().requires_grad_(True)
+    mean = step(hidden, weight, labels, mask)
+    mean.sum().backward()
+    return mean.detach(), hidden.grad, weight.grad
+
+
+def worst_relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = float(want.abs().max()) or 1.0
+    return float((got.double() - want.double()).abs().max()) / scale
+
+
+def main(argv: list[str] | None = None) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", type=parse_shape, action="append", metavar="BxTxHxV")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be positive, got {args.repeats}")
+    shapes = args.shape or [parse_shape(s) for s in DEFAULT_SHAPES[device.type]]
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    # one rounding of each relative error: dtype's epsilon, a few times over for sums
+    tolerance = 16 * torch.finfo(dtype).eps
+    clock = Clock(device)
+    probe = peak_memory_probe(device)
+    machine = machine_description(device)
+    print(f"{machine['name']}; torch {machine['torch']}; {dtype}")
+    print("| B x T x H x V | contender | median time | vs eager | peak above inputs | vs eager |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    failed = False
+    for shape in shapes:
+        inputs = make_inputs(shape, dtype, device)
+        want = run_step(eager_step, inputs)
+        got = run_step(lenalign_step, inputs)
+        errors = [worst_relative(g, w) for g, w in zip(got, want, strict=True)]
+        label = "x".join(map(str, shape))
+        if max(errors) > tolerance:
+            failed = True
+            print(f"| {label} | lenalign | FAILED: relative errors {errors} over {tolerance} | |")
+            continue
+        figures = {}
+        for name, step in (("eager", eager_step), ("lenalign", lenalign_step)):
+            probe.start()
+            run_step(step, inputs)
+            peak = probe.stop()
+            seconds = statistics.median(
+                clock.time(lambda step=step, inputs=inputs: run_step(step, inputs))
+                for _ in range(args.repeats)
+            )
+            figures[name] = (seconds, peak)
+        for name, (seconds, peak) in figures.items():
+            base_seconds, base_peak = figures["eager"]
+            print(
+                f"| {label} | {name} | {seconds * 1e3:.0f} ms | {seconds / base_seconds:.2f}x | "
+                f"{peak / 2**20:.0f} MiB | {peak / max(base_peak, 1):.2f}x |"
+            )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

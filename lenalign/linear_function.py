@@ -1,0 +1,157 @@
+"""The autograd Function behind ``linear_sequence_logprobs``: LM head and log-likelihoods
+in chunks of counted rows, so that the [N, V] logits never exist at once.
+
+Forward, for each chunk of m counted rows with hidden states h [m, H]:
+
+    z = h W^T + b                      [m, V] in the hidden states' dtype, as the head computes it
+    logprob, m, log_sum = row kernels  (kernels/forward.py), z then freed
+
+Backward, for each chunk: z is recomputed (the same matmul, so the same bits), the row
+backward kernel writes g = dL/dz = c[r] * (1[v == y] - p[v]) over it
+(kernels/backward.py), and with z = h W^T + b
+
+    dL/dh = g W        [m, H]
+    dL/dW = sum over chunks of g^T h    [V, H]
+    dL/db = sum over rows of g          [V]
+
+Rows that are not counted are never projected; their hidden states get zero gradient.
+Over several chunks, dL/dW and dL/db are summed in float32 for 16-bit weights: rounding
+each chunk's product to 16 bits first would make the error grow with the chunk count.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .function import accumulate_dtype, row_coefficients
+from .layout import RowLayout, rows_to_labels
+
+# logits of one chunk: 256 MiB, e.g. 1046 rows of a 128256-token vocabulary in bf16
+CHUNK_LOGIT_BYTES = 256 * 1024 * 1024
+# torch.addmm(..., out_dtype=torch.float32) on 16-bit CUDA inputs: fp32 products, no upcast
+_ADDMM_OUT_DTYPE = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
+def default_chunk_rows(vocab: int, element_size: int) -> int:
+    """Rows per chunk such that one chunk's logits take at most CHUNK_LOGIT_BYTES."""
+    return max(1, CHUNK_LOGIT_BYTES // (vocab * element_size))
+
+
+def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total += a @ b, the product formed in total's precision, never rounded to 16 bits."""
+    if a.dtype == total.dtype:
+        total.addmm_(a, b)
+    elif total.is_cuda and _ADDMM_OUT_DTYPE:
+        torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
+    else:
+        # no mixed-precision matmul here (CPU): upcast the chunk's operands
+        total.addmm_(a.to(total.dtype), b.to(total.dtype))
+
+
+class LinearSequenceLogProbsFunction(torch.autograd.Function):
+    """(sum [S], mean [S], count [S], token_logprobs [N]) of hidden states through a head.
+
+    Differentiable in the hidden states, the weight and the bias, through sum, mean and
+    token_logprobs at once (one coefficient per row, as in SequenceLogProbsFunction).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden3d: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        layout: RowLayout,
+        backend: ModuleType,
+        chunk_rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        acc = accumulate_dtype(hidden3d.dtype)
+        steps = hidden3d.shape[1]
+        n_rows = layout.targets.numel()
+        counted_rows = torch.nonzero(layout.targets >= 0).flatten()
+        # the counted rows' hidden states, gathered once: [M, H], small beside the logits
+        hidden_counted = hidden3d[counted_rows // steps, counted_rows % steps]
+        targets_counted = layout.targets[counted_rows]
+        row_max = torch.empty(counted_rows.numel(), dtype=acc, device=hidden3d.device)
+        log_sum = torch.empty_like(row_max)
+        logprob_counted = torch.empty_like(row_max)
+        for start in range(0, counted_rows.numel(), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = torch.nn.functional.linear(hidden_counted[rows], weight, bias)
+            logprob_counted[rows], row_max[rows], log_sum[rows] = backend.row_logprob_forward(
+                logits.unsqueeze(0), targets_counted[rows], acc
+            )
+            del logits  # before the next chunk's, so that one chunk of logits lives at a time
+        row_logprob = torch.zeros(n_rows, dtype=acc, device=hidden3d.device)
+        row_logprob[counted_rows] = logprob_counted
+        seq_sum, seq_count, seq_mean = backend.segment_reduce(
+            row_logprob, layout.targets, layout.cu_seqlens
+        )
+        token_logprobs = rows_to_labels(row_logprob, layout.shift)
+        ctx.save_for_backward(
+            hidden_counted, counted_rows, weight, bias, row_max, log_sum, seq_count
+        )
+        ctx.hidden_shape = hidden3d.shape
+        ctx.layout = layout
+        ctx.backend = backend
+        ctx.chunk_rows = chunk_rows
+        ctx.mark_non_differentiable(seq_count)
+        ctx.set_materialize_grads(False)
+        return seq_sum, seq_mean, seq_count, token_logprobs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_sum, grad_mean, _grad_count, grad_token):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if not (need_hidden or need_weight or need_bias):
+            return None, None, None, None, None, None
+        hidden_counted, counted_rows, weight, bias, row_max, log_sum, seq_count = ctx.saved_tensors
+        layout: RowLayout = ctx.layout
+        coef = row_coefficients(layout, seq_count, grad_sum, grad_mean, grad_token, log_sum.dtype)
+        coef_counted = coef[counted_rows]
+        targets_counted = layout.targets[counted_rows]
+        chunk_rows = ctx.chunk_rows
+        chunks = range(0, counted_rows.numel(), chunk_rows)
+        # one chunk: the products in one matmul, rounded once, as eager autograd does
+        sum_dtype = weight.dtype if len(chunks) <= 1 else accumulate_dtype(weight.dtype)
+        grad_hidden_counted = torch.empty_like(hidden_counted) if need_hidden else None
+        grad_weight = grad_bias = None
+        if need_weight:
+            grad_weight = torch.zeros(weight.shape, dtype=sum_dtype, device=weight.device)
+        if need_bias:
+            grad_bias = torch.zeros(weight.shape[0], dtype=sum_dtype, device=weight.device)
+        for start in chunks:
+            rows = slice(start, start + chunk_rows)
+            logits = torch.nn.functional.linear(hidden_counted[rows], weight, bias)
+            ctx.backend.row_logprob_backward(
+                logits.unsqueeze(0),
+                targets_counted[rows],
+                row_max[rows],
+                log_sum[rows],
+                coef_counted[rows],
+                logits.unsqueeze(0),
+            )
+            grad_logits = logits  # overwritten in place by the row backward
+            if need_hidden:
+                grad_hidden_counted[rows] = grad_logits @ weight
+            if need_weight:
+                _add_product(grad_weight, grad_logits.t(), hidden_counted[rows])
+            if need_bias:
+                grad_bias += grad_logits.sum(0, dtype=sum_dtype)
+            del logits, grad_logits  # one chunk at a time, as in the forward
+        grad_hidden = None
+        if need_hidden:
+            steps = ctx.hidden_shape[1]
+            grad_hidden = hidden_counted.new_zeros(ctx.hidden_shape)
+            grad_hidden[counted_rows // steps, counted_rows % steps] = grad_hidden_counted
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(weight.dtype),
+            None,
+            None,
+            None,
+        )

@@ -40,6 +40,13 @@ def default_chunk_rows(vocab: int, element_size: int) -> int:
     return max(1, CHUNK_LOGIT_BYTES // (vocab * element_size))
 
 
+def _head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Logits h W^T + b in the inputs' dtype. Autocast is off: the backward recomputes
+    these logits, and must get the same bits as the forward whatever context it runs in."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return torch.nn.functional.linear(hidden, weight, bias)
+
+
 def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """total += a @ b, the product formed in total's precision, never rounded to 16 bits."""
     if a.dtype == total.dtype:
@@ -80,7 +87,7 @@ class LinearSequenceLogProbsFunction(torch.autograd.Function):
         logprob_counted = torch.empty_like(row_max)
         for start in range(0, counted_rows.numel(), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = torch.nn.functional.linear(hidden_counted[rows], weight, bias)
+            logits = _head(hidden_counted[rows], weight, bias)
             logprob_counted[rows], row_max[rows], log_sum[rows] = backend.row_logprob_forward(
                 logits.unsqueeze(0), targets_counted[rows], acc
             )
@@ -125,7 +132,7 @@ class LinearSequenceLogProbsFunction(torch.autograd.Function):
             grad_bias = torch.zeros(weight.shape[0], dtype=sum_dtype, device=weight.device)
         for start in chunks:
             rows = slice(start, start + chunk_rows)
-            logits = torch.nn.functional.linear(hidden_counted[rows], weight, bias)
+            logits = _head(hidden_counted[rows], weight, bias)
             ctx.backend.row_logprob_backward(
                 logits.unsqueeze(0),
                 targets_counted[rows],

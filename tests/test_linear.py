@@ -263,3 +263,21 @@ def test_label_outside_the_heads_vocabulary_is_refused():
     labels[1, 3] = 9
     with pytest.raises(ValueError, match=r"labels: .*\[0, 9\).* got 9 at position \(1, 3\)"):
         linear_sequence_logprobs(hidden, weight, labels)
+
+
+def test_autocast_does_not_change_the_head():
+    # the logits are formed in the inputs' dtype, forward and recomputed backward alike
+    hidden, weight, head_bias, labels, mask = head_problem(
+        2, 6, 8, 40, dtype=torch.float32, seed=13
+    )
+    results = []
+    for autocast in (False, True):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, head_bias)]
+        with torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            out = linear_sequence_logprobs(
+                leaves[0], leaves[1], labels, mask, bias=leaves[2], chunk_rows=3
+            )
+        out.mean.sum().backward()
+        results.append([out.sum] + [leaf.grad for leaf in leaves])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

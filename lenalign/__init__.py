@@ -4,6 +4,7 @@ from .api import linear_sequence_logprobs, sequence_logprobs
 from .losses import (
     PreferenceLossOutput,
     preference_loss,
+    preference_loss_from_hidden,
     preference_loss_from_logits,
     sequence_score,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "SequenceLogProbs",
     "linear_sequence_logprobs",
     "preference_loss",
+    "preference_loss_from_hidden",
     "preference_loss_from_logits",
     "reference_sequence_logprobs",
     "sequence_logprobs",

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, NoReturn
 import torch
 from torch.nn.functional import logsigmoid
 
-from .api import sequence_logprobs
+from .api import linear_sequence_logprobs, sequence_logprobs
 from .layout import INTEGER_DTYPES
 from .outputs import SequenceLogProbs
 
@@ -386,26 +386,95 @@ def preference_loss_from_logits(
             row count, a ``ref_logps`` of the wrong size or presence for ``loss_type``,
             and everything ``sequence_logprobs`` and ``preference_loss`` refuse.
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        _fail("logits", "a [2B, T, V] tensor (B chosen rows, then B rejected rows)", got)
-    n_rows = logits.shape[0]
+    loss_type, ref_logps = _check_pair_batch("logits", logits, "V", loss_type, ref_logps)
+    policy = sequence_logprobs(logits, labels, mask, shift=shift, backend=backend)
+    return _pair_loss(policy, ref_logps, loss_type, loss_kwargs)
+
+
+def preference_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    ref_logps: SequenceLogProbs | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    shift: bool = True,
+    chunk_rows: int | None = None,
+    backend: str = "auto",
+    loss_type: str = "sigmoid",
+    **loss_kwargs: Any,
+) -> PreferenceLossOutput:
+    """``preference_loss_from_logits`` from the hidden states entering the LM head.
+
+    The policy's log-likelihoods come from ``linear_sequence_logprobs(hidden, weight,
+    labels, mask, bias=bias, ...)``, so the [2B, T, V] logits never exist at once.
+
+    Args:
+        hidden: [2B, T, H] hidden states of the policy (B chosen rows, then B rejected).
+        weight: [V, H] LM-head weight; ``bias``: optional [V] LM-head bias.
+        labels, mask, ref_logps, shift, backend, loss_type, **loss_kwargs: as for
+            ``preference_loss_from_logits``.
+        chunk_rows: as for ``linear_sequence_logprobs``.
+
+    Returns:
+        PreferenceLossOutput, the loss differentiable in ``hidden``, ``weight`` and
+        ``bias``.
+
+    Raises:
+        ValueError: naming the argument, as ``preference_loss_from_logits`` (with
+            ``hidden`` in place of the logits) and ``linear_sequence_logprobs``.
+    """
+    loss_type, ref_logps = _check_pair_batch("hidden", hidden, "H", loss_type, ref_logps)
+    policy = linear_sequence_logprobs(
+        hidden,
+        weight,
+        labels,
+        mask,
+        bias=bias,
+        shift=shift,
+        chunk_rows=chunk_rows,
+        backend=backend,
+    )
+    return _pair_loss(policy, ref_logps, loss_type, loss_kwargs)
+
+
+def _check_pair_batch(
+    argument: str,
+    rows: object,
+    feature: str,
+    loss_type: object,
+    ref_logps: SequenceLogProbs | None,
+) -> tuple[str, SequenceLogProbs | None]:
+    """Check a [2B, T, .] batch in TRL's layout and its reference, before any kernel runs."""
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 3:
+        got = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+        _fail(argument, f"a [2B, T, {feature}] tensor (B chosen rows, then B rejected rows)", got)
+    n_rows = rows.shape[0]
     if n_rows % 2 != 0:
-        _fail("logits", "an even number of rows (B chosen, then B rejected)", n_rows)
-    # checked before the forward pass, so that a misconfiguration costs no kernel time
+        _fail(argument, "an even number of rows (B chosen, then B rejected)", n_rows)
     loss_type = _check_loss_type(loss_type)
     _check_reference_presence(loss_type, "ref_logps", ref_logps)
     if ref_logps is not None:
         ref_logps = _check_logps("ref_logps", ref_logps)
         if ref_logps.sum.shape[0] != n_rows:
-            _fail("ref_logps", f"{n_rows} sequences (logits.shape[0])", ref_logps.sum.shape[0])
-        if ref_logps.sum.device != logits.device:
+            _fail("ref_logps", f"{n_rows} sequences ({argument}.shape[0])", ref_logps.sum.shape[0])
+        if ref_logps.sum.device != rows.device:
             _fail(
                 "ref_logps",
-                f"tensors on {logits.device} (the logits' device)",
+                f"tensors on {rows.device} (the device of {argument})",
                 ref_logps.sum.device,
             )
-    policy = sequence_logprobs(logits, labels, mask, shift=shift, backend=backend)
+    return loss_type, ref_logps
+
+
+def _pair_loss(
+    policy: SequenceLogProbs,
+    ref_logps: SequenceLogProbs | None,
+    loss_type: str,
+    loss_kwargs: dict[str, Any],
+) -> PreferenceLossOutput:
+    """``preference_loss`` of the 2B sequences of a TRL-layout batch, split into pairs."""
     policy_chosen, policy_rejected = split_pairs(policy)
     ref_chosen, ref_rejected = split_pairs(ref_logps) if ref_logps is not None else (None, None)
     return preference_loss(

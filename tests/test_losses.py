@@ -17,6 +17,7 @@ from lenalign.backends import triton_runs_on
 from lenalign.losses import (
     PreferenceLossOutput,
     preference_loss,
+    preference_loss_from_hidden,
     preference_loss_from_logits,
     sequence_score,
 )
@@ -544,3 +545,60 @@ def test_from_logits_names_the_bad_argument():
     for argument, args, kwargs in cases:
         with pytest.raises(ValueError, match=rf"^{re.escape(argument)}: expected"):
             preference_loss_from_logits(*args, backend="torch", **kwargs)
+
+
+def head_batch(seed: int, features: int = 5):
+    """Hidden states [2B, T, H], head weight and bias (all float64 leaves), labels, mask."""
+    _, ref_logits, labels, mask = preference_batch(seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    rows, steps, vocab = ref_logits.shape
+    hidden = torch.randn(rows, steps, features, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, features, generator=gen, dtype=torch.float64)
+    bias = torch.randn(vocab, generator=gen, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    return leaves, ref_logits, labels, mask
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
+def test_from_hidden_equals_from_logits_of_the_head(loss_type):
+    (hidden, weight, bias), ref_logits, labels, mask = head_batch(seed=4)
+    ref_logps = None
+    if loss_type != "simpo":
+        ref_logps = sequence_logprobs(ref_logits, labels, mask, shift=True, backend="torch")
+    params = {**LOSS_PARAMS[loss_type], "length_normalization": "mean"}
+
+    out = preference_loss_from_hidden(
+        hidden, weight, labels, mask, ref_logps, bias=bias, chunk_rows=4, backend="torch",
+        loss_type=loss_type, **params,
+    )  # fmt: skip
+    out.loss.backward()
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    logits = torch.nn.functional.linear(*leaves)
+    want = preference_loss_from_logits(
+        logits, labels, mask, ref_logps, backend="torch", loss_type=loss_type, **params
+    )
+    want.loss.backward()
+
+    assert want.loss.abs() > 1e-3
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-12, atol=1e-14)
+    for got, expected in zip((hidden, weight, bias), leaves, strict=True):
+        assert expected.grad.abs().max() > 1e-3
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-10, atol=1e-13)
+    assert torch.equal(out.chosen_lengths, want.chosen_lengths)
+
+
+def test_from_hidden_names_the_bad_argument():
+    (hidden, weight, _), ref_logits, labels, mask = head_batch(seed=5)
+    ref_logps = sequence_logprobs(ref_logits, labels, mask, shift=True, backend="torch")
+    cases = [
+        ("hidden", (hidden[:5], weight, labels[:5], mask[:5], ref_logps), {}),
+        ("hidden", (hidden[0], weight, labels[0], mask[0], ref_logps), {}),
+        ("ref_logps", (hidden, weight, labels, mask, None), {}),
+        ("ref_logps", (hidden, weight, labels, mask, GOOD[0]), {}),
+        ("weight", (hidden, weight[:, :-1], labels, mask, ref_logps), {}),
+        ("chunk_rows", (hidden, weight, labels, mask, ref_logps), {"chunk_rows": 0}),
+        ("loss_type", (hidden, weight, labels, mask, ref_logps), {"loss_type": "kto"}),
+    ]
+    for argument, args, kwargs in cases:
+        with pytest.raises(ValueError, match=rf"^{re.escape(argument)}: expected"):
+            preference_loss_from_hidden(*args, backend="torch", **kwargs)

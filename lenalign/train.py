@@ -8,6 +8,9 @@ One optimizer step is the code to copy from (see ``batch_loss``)::
     out = preference_loss(chosen half, rejected half, reference halves, loss_type=...)
     out.loss.backward(); clip; AdamW step; warmup-cosine schedule step
 
+With ``fused_head`` the backbone's hidden states and the LM head's weight go to
+``linear_sequence_logprobs`` instead, and the logits are never formed.
+
 ``train(config)`` runs the whole thing (data, reference model, logging, evaluation,
 checkpoints) and returns its metrics; ``main(argv)`` is ``lenalign train``. With the
 default config it trains the embedded tiny Llama on the embedded synthetic task, offline,
@@ -40,7 +43,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .api import sequence_logprobs
+from .api import linear_sequence_logprobs, sequence_logprobs
 from .losses import (
     LOSS_TYPES,
     REFERENCE_LOSS_TYPES,
@@ -111,6 +114,10 @@ class TrainConfig:
     sft_weight: float = _option(0.0, "weight of the chosen completions' token-mean NLL")
     precompute_ref: bool = _option(
         False, "compute reference log-probs once before training instead of keeping a model"
+    )
+    fused_head: bool = _option(
+        False,
+        "score the LM head's input with linear_sequence_logprobs: the logits are never formed",
     )
     # optimization
     max_steps: int = _option(200, "optimizer steps")
@@ -298,28 +305,105 @@ def forward_logits(
     return outputs.logits
 
 
-def completion_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> PairLogProbs:
-    """Completion log-likelihoods of a batch's chosen and rejected rows, from its logits.
+@dataclass(frozen=True)
+class HeadInput:
+    """What the LM head receives, for ``linear_sequence_logprobs``: [2B, T, H] hidden
+    states, the head's [V, H] weight and its [V] bias or None."""
 
-    The logits go to the fused function as the model returned them: ``shift=True``
-    scores the token at t with the logits at t - 1, so nothing is sliced or copied.
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+# config fields by which some architectures scale or cap the head's output (Gemma 2,
+# Cohere, Granite, Falcon-H1, ...): logits that linear_sequence_logprobs does not form
+LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+    "lm_head_multiplier",
+)
+
+
+def check_fused_head(model: PreTrainedModel) -> None:
+    """Refuse ``fused_head`` for a model whose logits are more than ``hidden @ W.T + b``."""
+    if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
+        kind = type(model.get_output_embeddings()).__name__
+        raise ValueError(f"fused_head: expected a model whose LM head is nn.Linear, got {kind}")
+    text_config = model.config.get_text_config()
+    for name in LOGIT_TRANSFORMS:
+        value = getattr(text_config, name, None)
+        if value is not None and value != 1:
+            raise ValueError(
+                f"fused_head: expected a model whose logits are hidden @ W.T + b, got one "
+                f"with {name}={value}; train it with fused_head off"
+            )
+
+
+def forward_head_input(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], amp: torch.dtype | None = None
+) -> HeadInput:
+    """The hidden states entering the model's LM head, with the head's parameters.
+
+    Under autocast the head's matmul would run in ``amp``: the three are cast to it here,
+    since ``linear_sequence_logprobs`` forms the logits in its inputs' dtype.
     """
-    logps = sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"], shift=True)
+    device = batch["input_ids"].device
+    with _autocast(device, amp):
+        outputs = model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        )
+    head = model.get_output_embeddings()
+    parts = (outputs.last_hidden_state, head.weight, head.bias)
+    if amp is not None:
+        parts = tuple(None if part is None else part.to(amp) for part in parts)
+    return HeadInput(*parts)
+
+
+def forward_outputs(
+    model: PreTrainedModel,
+    batch: dict[str, torch.Tensor],
+    amp: torch.dtype | None,
+    fused_head: bool,
+) -> torch.Tensor | HeadInput:
+    """The logits, or with ``fused_head`` the head's input, of a collated batch."""
+    if fused_head:
+        return forward_head_input(model, batch, amp)
+    return forward_logits(model, batch, amp)
+
+
+def completion_logprobs(
+    outputs: torch.Tensor | HeadInput, batch: dict[str, torch.Tensor]
+) -> PairLogProbs:
+    """Completion log-likelihoods of a batch's chosen and rejected rows.
+
+    From the logits as the model returned them (``shift=True`` scores the token at t with
+    the logits at t - 1, so nothing is sliced or copied), or from the head's input.
+    """
+    labels, mask = batch["input_ids"], batch["completion_mask"]
+    if isinstance(outputs, HeadInput):
+        logps = linear_sequence_logprobs(
+            outputs.hidden, outputs.weight, labels, mask, bias=outputs.bias, shift=True
+        )
+    else:
+        logps = sequence_logprobs(outputs, labels, mask, shift=True)
     return split_pairs(logps)
 
 
 def batch_loss(
-    logits: torch.Tensor,
+    outputs: torch.Tensor | HeadInput,
     batch: dict[str, torch.Tensor],
     reference: PairLogProbs | None,
     config: TrainConfig,
 ) -> PreferenceLossOutput:
-    """The preference loss of one batch from the policy's logits; differentiable in them.
+    """The preference loss of one batch from the policy's logits (or head input, see
+    ``forward_outputs``); differentiable in them.
 
     ``reference`` holds the reference model's (chosen, rejected) log-probs of the same
     rows, or is None for a reference-free loss_type.
     """
-    chosen, rejected = completion_logprobs(logits, batch)
+    chosen, rejected = completion_logprobs(outputs, batch)
     ref_chosen, ref_rejected = reference if reference is not None else (None, None)
     return preference_loss(chosen, rejected, ref_chosen, ref_rejected, **loss_options(config))
 
@@ -405,11 +489,12 @@ def precompute_reference(
     batch_size: int,
     pad: int,
     amp: torch.dtype | None = None,
+    fused_head: bool = False,
 ) -> PairLogProbs:
     """Reference (chosen, rejected) log-probs of every pair of ``data``, [N] each."""
     device = next(model.parameters()).device
     parts = [
-        completion_logprobs(forward_logits(model, batch, amp), batch)
+        completion_logprobs(forward_outputs(model, batch, amp, fused_head), batch)
         for batch in _in_order(data, batch_size, pad, device)
     ]
 
@@ -425,6 +510,7 @@ def _reference_for(
     data: PreferenceData,
     reference_model: PreTrainedModel | None,
     amp: torch.dtype | None,
+    fused_head: bool,
 ) -> PairLogProbs | None:
     if data.reference is not None:
         index = batch["index"]
@@ -436,7 +522,7 @@ def _reference_for(
     if reference_model is None:
         return None
     with torch.no_grad():
-        return completion_logprobs(forward_logits(reference_model, batch, amp), batch)
+        return completion_logprobs(forward_outputs(reference_model, batch, amp, fused_head), batch)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -538,8 +624,9 @@ def evaluate_preferences(
     device = next(model.parameters()).device
     totals: dict[str, float] = {}
     for batch in _in_order(data, config.batch_size, pad, device):
-        reference = _reference_for(batch, data, reference_model, amp)
-        out = batch_loss(forward_logits(model, batch, amp), batch, reference, config)
+        reference = _reference_for(batch, data, reference_model, amp, config.fused_head)
+        outputs = forward_outputs(model, batch, amp, config.fused_head)
+        out = batch_loss(outputs, batch, reference, config)
         n_pairs = out.margins.shape[0]
         values = {
             "loss": out.loss * n_pairs,
@@ -829,6 +916,8 @@ def _train(
     if not train_pairs:
         raise ValueError("train_pairs: expected at least one training pair")
     policy, tokenizer = load_model(config, model, tokenizer)
+    if config.fused_head:
+        check_fused_head(policy)
     policy.to(device)
     pad = special_tokens(tokenizer).pad
     train_data = PreferenceData(
@@ -846,7 +935,9 @@ def _train(
         if config.precompute_ref:
             for data in (train_data, eval_data):
                 if len(data):
-                    data.reference = precompute_reference(policy, data, config.batch_size, pad, amp)
+                    data.reference = precompute_reference(
+                        policy, data, config.batch_size, pad, amp, config.fused_head
+                    )
         else:
             reference_model = copy.deepcopy(policy).eval().requires_grad_(False)
 
@@ -904,8 +995,9 @@ def _train(
                 len(train_data), config.batch_size, config.seed, step * accumulation + micro
             )
             batch = _batch(train_data, indices, pad, device)
-            reference = _reference_for(batch, train_data, reference_model, amp)
-            out = batch_loss(forward_logits(policy, batch, amp), batch, reference, config)
+            reference = _reference_for(batch, train_data, reference_model, amp, config.fused_head)
+            outputs = forward_outputs(policy, batch, amp, config.fused_head)
+            out = batch_loss(outputs, batch, reference, config)
             (out.loss / accumulation).backward()
             window.add(out, tokens=int(batch["attention_mask"].sum()))
         # an infinite limit measures the norm without clipping

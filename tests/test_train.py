@@ -35,7 +35,9 @@ from lenalign.train import (
     TrainConfig,
     batch_loss,
     build_parser,
+    check_fused_head,
     config_from_args,
+    forward_head_input,
     forward_logits,
     generate_greedy,
     generation_metrics,
@@ -255,6 +257,50 @@ def test_batch_loss_equals_eager_reference(
     fused_grad = torch.autograd.grad(fused.loss, logits, retain_graph=True)[0]
     eager_grad = torch.autograd.grad(eager.loss, logits)[0]
     torch.testing.assert_close(fused_grad, eager_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_head_loss_and_gradients_equal_the_logits_path(tmp_path, tokenizer):
+    config = small_config(tmp_path, length_normalization="mean", beta=0.7)
+    rows = tokenize_pairs(make_case_pairs(6, seed=3), tokenizer, 64, 32)
+    batch = collate_pairs(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        ref_logits = forward_logits(build_tiny_llama(tokenizer, seed=2), batch)
+    reference = split_pairs(
+        reference_sequence_logprobs(
+            ref_logits, batch["input_ids"], batch["completion_mask"], shift=True
+        )
+    )
+    results = []
+    for fused in (False, True):
+        policy = build_tiny_llama(tokenizer, seed=1)
+        outputs = forward_head_input(policy, batch) if fused else forward_logits(policy, batch)
+        out = batch_loss(outputs, batch, reference, config)
+        out.loss.backward()
+        grads = {name: p.grad for name, p in policy.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads))
+    (loss, grads), (fused_loss, fused_grads) = results
+    assert loss.abs() > 1e-3
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-6)
+    # the tiny model ties its head to the embeddings: one parameter, both gradients in it
+    assert fused_grads.keys() == grads.keys() and "model.embed_tokens.weight" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_head_trains_like_the_logits_path(tmp_path):
+    plain = train(small_config(tmp_path / "a", max_steps=3, generate_size=0))
+    fused = train(small_config(tmp_path / "b", max_steps=3, generate_size=0, fused_head=True))
+    for a, b in zip(plain.train_log, fused.train_log, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert fused.eval_log[0]["loss"] == pytest.approx(plain.eval_log[0]["loss"], rel=1e-4)
+
+
+def test_fused_head_refuses_a_model_with_capped_logits(tokenizer):
+    model = build_tiny_llama(tokenizer, seed=0)
+    check_fused_head(model)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match=r"^fused_head: expected .*final_logit_softcapping=30.0"):
+        check_fused_head(model)
 
 
 def test_trainer_first_step_logs_the_independently_computed_loss(tmp_path, tokenizer):

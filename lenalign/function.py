@@ -39,6 +39,21 @@ def row_coefficients(
     return torch.where(layout.targets >= 0, coef, torch.zeros_like(coef)).to(dtype)
 
 
+def sequence_outputs(
+    ctx, layout: RowLayout, backend: ModuleType, row_logprob: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum, mean, count, token_logprobs) of the [N] row log-probabilities, with the ctx
+    settings that both Functions' forwards share; the caller saves its own tensors."""
+    seq_sum, seq_count, seq_mean = backend.segment_reduce(
+        row_logprob, layout.targets, layout.cu_seqlens
+    )
+    ctx.layout = layout
+    ctx.backend = backend
+    ctx.mark_non_differentiable(seq_count)
+    ctx.set_materialize_grads(False)
+    return seq_sum, seq_mean, seq_count, rows_to_labels(row_logprob, layout.shift)
+
+
 class SequenceLogProbsFunction(torch.autograd.Function):
     """(sum [S], mean [S], count [S], token_logprobs [N]) of a RowLayout's logits.
 
@@ -60,17 +75,10 @@ class SequenceLogProbsFunction(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         acc = accumulate_dtype(logits3d.dtype)
         row_logprob, row_max, log_sum = backend.row_logprob_forward(logits3d, layout.targets, acc)
-        seq_sum, seq_count, seq_mean = backend.segment_reduce(
-            row_logprob, layout.targets, layout.cu_seqlens
-        )
-        token_logprobs = rows_to_labels(row_logprob, layout.shift)
-        ctx.save_for_backward(logits3d, row_max, log_sum, seq_count)
-        ctx.layout = layout
-        ctx.backend = backend
+        outputs = sequence_outputs(ctx, layout, backend, row_logprob)
+        ctx.save_for_backward(logits3d, row_max, log_sum, outputs[2])
         ctx.inplace_backward = inplace_backward
-        ctx.mark_non_differentiable(seq_count)
-        ctx.set_materialize_grads(False)
-        return seq_sum, seq_mean, seq_count, token_logprobs
+        return outputs
 
     @staticmethod
     @once_differentiable

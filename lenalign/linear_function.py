@@ -26,8 +26,8 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
-from .function import accumulate_dtype, row_coefficients
-from .layout import RowLayout, rows_to_labels
+from .function import accumulate_dtype, row_coefficients, sequence_outputs
+from .layout import RowLayout
 
 # logits of one chunk: 256 MiB, e.g. 1046 rows of a 128256-token vocabulary in bf16
 CHUNK_LOGIT_BYTES = 256 * 1024 * 1024
@@ -94,20 +94,13 @@ class LinearSequenceLogProbsFunction(torch.autograd.Function):
             del logits  # before the next chunk's, so that one chunk of logits lives at a time
         row_logprob = torch.zeros(n_rows, dtype=acc, device=hidden3d.device)
         row_logprob[counted_rows] = logprob_counted
-        seq_sum, seq_count, seq_mean = backend.segment_reduce(
-            row_logprob, layout.targets, layout.cu_seqlens
-        )
-        token_logprobs = rows_to_labels(row_logprob, layout.shift)
+        outputs = sequence_outputs(ctx, layout, backend, row_logprob)
         ctx.save_for_backward(
-            hidden_counted, counted_rows, weight, bias, row_max, log_sum, seq_count
+            hidden_counted, counted_rows, weight, bias, row_max, log_sum, outputs[2]
         )
         ctx.hidden_shape = hidden3d.shape
-        ctx.layout = layout
-        ctx.backend = backend
         ctx.chunk_rows = chunk_rows
-        ctx.mark_non_differentiable(seq_count)
-        ctx.set_materialize_grads(False)
-        return seq_sum, seq_mean, seq_count, token_logprobs
+        return outputs
 
     @staticmethod
     @once_differentiable

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -120,3 +123,12 @@ def weighted_objective(seq_sum, seq_mean, token_logprobs, weights) -> torch.Tens
         + (seq_mean.double() * w_mean).sum()
         + (token_logprobs.double() * w_token).sum()
     )
+
+
+def load_benchmark_script(name: str) -> ModuleType:
+    """Import benchmarks/<name>.py, a script rather than a package module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"lenalign_benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from helpers import load_benchmark_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "linear_head.py"
 ARGS = ["--shape", "2x12x8x50", "--repeats", "1"]
 
 
 @pytest.fixture(scope="module")
 def linear_head():
-    spec = importlib.util.spec_from_file_location("lenalign_linear_head", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("linear_head")
 
 
 def test_prints_time_and_memory_for_both(linear_head, capsys) -> None:

@@ -7,25 +7,21 @@ result is reported as failed and never timed, and that the heuristic's launch is
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark_script
 
 from lenalign import kernels
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tune.py"
 ARGS = ["--rows", "3", "--vocab", "300", "--blocks", "128", "--warps", "1"]
 
 
 @pytest.fixture(scope="module")
 def tune():
-    spec = importlib.util.spec_from_file_location("lenalign_tune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("tune")
 
 
 def run(tune, out: Path) -> tuple[int, list[dict]]:

@@ -1,8 +1,9 @@
 """Launch parameters chosen from the vocabulary size and the element size.
 
-A plain heuristic, to be replaced by tuning on a GPU: each program streams one row in
-blocks of at most 16 KiB of logits, enough bytes in flight per warp to keep a row's
-loads overlapped, few enough registers that the fp32 working copy does not spill.
+A plain heuristic, not yet tuned on a GPU: each program streams one row in blocks of at
+most 16 KiB of logits, enough bytes in flight per warp to keep a row's loads overlapped,
+few enough registers that the fp32 working copy does not spill (``lenalign codegen``
+shows the registers and spills; ``benchmarks/tune.py`` measures every alternative on a GPU).
 """
 
 from __future__ import annotations

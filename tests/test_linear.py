@@ -281,3 +281,31 @@ def test_autocast_does_not_change_the_head():
         results.append([out.sum] + [leaf.grad for leaf in leaves])
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_view_and_empty_batch(backend):
+    generator = torch.Generator().manual_seed(14)
+    weight = torch.randn(7, 4, generator=generator, dtype=torch.float64).to(DEVICE)
+    base = torch.randn(2, 6, 8, generator=generator, dtype=torch.float64).to(DEVICE)
+    labels = torch.randint(0, 7, (2, 3), generator=generator).to(DEVICE)
+    grads = []
+    for through_head in (True, False):
+        leaf = base.clone().requires_grad_(True)
+        view = leaf[:, ::2, ::2]  # [2, 3, 4], no unit stride anywhere but the last
+        if through_head:
+            out = linear_sequence_logprobs(view, weight, labels, shift=True, backend=backend)
+        else:
+            logits = torch.nn.functional.linear(view, weight)
+            out = reference_sequence_logprobs(logits, labels, shift=True)
+        out.mean.sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+    empty = torch.zeros(0, 5, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    out = linear_sequence_logprobs(
+        empty, weight, torch.zeros(0, 5, dtype=torch.int64, device=DEVICE), backend=backend
+    )
+    assert out.sum.shape == (0,)
+    out.sum.sum().backward()
+    assert empty.grad.shape == empty.shape

@@ -39,10 +39,12 @@ DEFAULTS = {
 }
 DEFAULT_WARPS = {"cuda": [4, 8, 16, 32], "cpu": [1, 2]}
 TIMED_CALLS = {"cuda": 20, "cpu": 2}
-# forward: fp32 results of fp32 accumulations in different orders; backward: one rounding
-# of the same fp32 value to the logits' dtype, so one unit in the last place apart
+# forward: fp32 results of fp32 accumulations in different orders. Backward: the fp32
+# values c * (1[v == y] - p) differ by a few fp32 ulps of |c| (the kernel's exp is the
+# GPU's approximate one), and each is rounded once to the logits' dtype: one ulp there
 LOGPROB_TOLERANCE = 1e-4
 GRADIENT_ULPS = 1
+EXP_ULPS = 8
 
 
 class Problem:
@@ -91,10 +93,15 @@ class Problem:
                 return f"log-probabilities off by {worst:.3g} (relative), over {LOGPROB_TOLERANCE}"
             return None
         got = self.backward(launch).float()
-        ulp = torch.finfo(self.logits.dtype).eps * self.want_grad.abs().clamp(min=1e-30)
-        worst = ((got - self.want_grad).abs() / ulp).max().item()
-        if not worst <= GRADIENT_ULPS:
-            return f"gradient off by {worst:.3g} ulp, over {GRADIENT_ULPS}"
+        rounding = GRADIENT_ULPS * torch.finfo(self.logits.dtype).eps * self.want_grad.abs()
+        exp_slack = EXP_ULPS * torch.finfo(torch.float32).eps * self.coef.abs()
+        allowed = (rounding + exp_slack[None, :, None]).clamp(min=1e-30)
+        worst = ((got - self.want_grad).abs() / allowed).max().item()
+        if not worst <= 1:
+            return (
+                f"gradient off by {worst:.3g}x its tolerance ({GRADIENT_ULPS} ulp of the dtype "
+                f"+ {EXP_ULPS} fp32 ulps of |c|)"
+            )
         return None
 
 

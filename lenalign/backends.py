@@ -38,7 +38,7 @@ def triton_runs_on(device: torch.device) -> tuple[bool, str]:
         return True, ""
     return False, (
         f"Triton runs on {'/'.join(TRITON_DEVICE_TYPES)} tensors, or on CPU tensors when "
-        f"TRITON_INTERPRET=1 is set before lenalign is imported; the logits are on {device}"
+        f"TRITON_INTERPRET=1 is set before lenalign is imported; the inputs are on {device}"
     )
 
 

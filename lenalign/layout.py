@@ -82,14 +82,16 @@ def _check_companion(
     return value
 
 
-def _check_cu_seqlens(cu_seqlens: object, n_rows: int, device: torch.device) -> torch.Tensor:
+def _check_cu_seqlens(
+    cu_seqlens: object, n_rows: int, device: torch.device, rows_name: str
+) -> torch.Tensor:
     cu_seqlens = _check_tensor("cu_seqlens", cu_seqlens)
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         _fail("cu_seqlens", "dtype int32 or int64", cu_seqlens.dtype)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         _fail("cu_seqlens", "a 1-D tensor [S + 1] with S >= 0", tuple(cu_seqlens.shape))
     if cu_seqlens.device != device:
-        _fail("cu_seqlens", f"device {device} (the device of the rows)", cu_seqlens.device)
+        _fail("cu_seqlens", f"device {device} (the device of {rows_name})", cu_seqlens.device)
     bounds = cu_seqlens.to(torch.int64)
     first, last = int(bounds[0]), int(bounds[-1])
     if first != 0:
@@ -195,7 +197,7 @@ def _row_layout(
     device = rows3d.device
 
     if cu_seqlens is not None:
-        bounds = _check_cu_seqlens(cu_seqlens, n_rows, device)
+        bounds = _check_cu_seqlens(cu_seqlens, n_rows, device, rows_name)
         lengths = bounds[1:] - bounds[:-1]
     else:
         bounds = torch.arange(batch + 1, device=device, dtype=torch.int64) * steps

@@ -31,8 +31,11 @@ from .layout import RowLayout
 
 # logits of one chunk: 256 MiB, e.g. 1046 rows of a 128256-token vocabulary in bf16
 CHUNK_LOGIT_BYTES = 256 * 1024 * 1024
-# torch.addmm(..., out_dtype=torch.float32) on 16-bit CUDA inputs: fp32 products, no upcast
-_ADDMM_OUT_DTYPE = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 8)
+# torch.addmm(total, a, b, out_dtype=float32) with 16-bit CUDA matrices forms the products
+# in fp32 without upcast copies (torch >= 2.8). Torch 2.8 and 2.9 refuse an fp32 ``total``
+# there (pytorch#154086, lifted by pytorch#167931): the first refusal switches this process
+# to the upcasting path for good.
+_mixed_addmm = {"usable": tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 8)}
 
 
 def default_chunk_rows(vocab: int, element_size: int) -> int:
@@ -51,11 +54,17 @@ def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """total += a @ b, the product formed in total's precision, never rounded to 16 bits."""
     if a.dtype == total.dtype:
         total.addmm_(a, b)
-    elif total.is_cuda and _ADDMM_OUT_DTYPE:
-        torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
-    else:
-        # no mixed-precision matmul here (CPU): upcast the chunk's operands
-        total.addmm_(a.to(total.dtype), b.to(total.dtype))
+        return
+    if total.is_cuda and _mixed_addmm["usable"]:
+        try:
+            torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
+            return
+        except RuntimeError as error:
+            if "dtype" not in str(error):
+                raise
+            _mixed_addmm["usable"] = False
+    # no mixed-precision matmul (CPU, older torch): upcast copies of the chunk's operands
+    total.addmm_(a.to(total.dtype), b.to(total.dtype))
 
 
 class LinearSequenceLogProbsFunction(torch.autograd.Function):
@@ -123,6 +132,8 @@ class LinearSequenceLogProbsFunction(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, dtype=sum_dtype, device=weight.device)
         if need_bias:
             grad_bias = torch.zeros(weight.shape[0], dtype=sum_dtype, device=weight.device)
+        # the gradient's matmuls in the inputs' dtype too, as the head's logits are
+        no_autocast = torch.autocast(device_type=weight.device.type, enabled=False)
         for start in chunks:
             rows = slice(start, start + chunk_rows)
             logits = _head(hidden_counted[rows], weight, bias)
@@ -135,12 +146,13 @@ class LinearSequenceLogProbsFunction(torch.autograd.Function):
                 logits.unsqueeze(0),
             )
             grad_logits = logits  # overwritten in place by the row backward
-            if need_hidden:
-                grad_hidden_counted[rows] = grad_logits @ weight
-            if need_weight:
-                _add_product(grad_weight, grad_logits.t(), hidden_counted[rows])
-            if need_bias:
-                grad_bias += grad_logits.sum(0, dtype=sum_dtype)
+            with no_autocast:
+                if need_hidden:
+                    grad_hidden_counted[rows] = grad_logits @ weight
+                if need_weight:
+                    _add_product(grad_weight, grad_logits.t(), hidden_counted[rows])
+                if need_bias:
+                    grad_bias += grad_logits.sum(0, dtype=sum_dtype)
             del logits, grad_logits  # one chunk at a time, as in the forward
         grad_hidden = None
         if need_hidden:

@@ -273,11 +273,12 @@ def test_autocast_does_not_change_the_head():
     results = []
     for autocast in (False, True):
         leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, head_bias)]
+        # backward inside the autocast region too: its matmuls must not drop to bf16 either
         with torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
             out = linear_sequence_logprobs(
                 leaves[0], leaves[1], labels, mask, bias=leaves[2], chunk_rows=3
             )
-        out.mean.sum().backward()
+            out.mean.sum().backward()
         results.append([out.sum] + [leaf.grad for leaf in leaves])
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

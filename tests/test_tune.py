@@ -24,15 +24,17 @@ def tune():
     return load_benchmark_script("tune")
 
 
-def run(tune, out: Path) -> tuple[int, list[dict]]:
-    status = tune.main([*ARGS, "--out", str(out)])
+def run(tune, out: Path, dtype: str = "bfloat16") -> tuple[int, list[dict]]:
+    status = tune.main([*ARGS, "--dtype", dtype, "--out", str(out)])
     report = json.loads((out / "tune.json").read_text())
     assert (out / "tune.md").read_text().startswith("| kernel |")
     return status, report["results"]
 
 
-def test_every_launch_is_checked_then_timed(tune, tmp_path: Path) -> None:
-    status, rows = run(tune, tmp_path)
+# float32 logits are never rounded: the check must allow the kernels' exp differences alone
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_every_launch_is_checked_then_timed(tune, tmp_path: Path, dtype: str) -> None:
+    status, rows = run(tune, tmp_path, dtype)
     assert status == 0
     # the heuristic's (512, 2) and the one pair given, for each kernel
     launches = {(r["kernel"], r["block"], r["warps"]) for r in rows}

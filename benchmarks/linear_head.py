@@ -5,12 +5,14 @@
 
 Eager is what a trainer does with a model's head: ``F.linear`` to the full [B, T, V]
 logits, then the fp32 log_softmax, gather and masked sums of lenalign.reference.
-lenalign projects only the counted rows, a chunk at a time. Both get the same hidden
-states, head weight and labels (about half of the positions counted, shift=True), and
-differentiate the sequence means into the hidden states and the weight. lenalign's
-results are checked against eager's before anything is timed. Reports the median time
-and the peak memory above the inputs (host resident memory on CPU, PyTorch's allocator
-on a GPU), with the ratios to eager.
+lenalign projects only the counted rows, a chunk at a time; so does TRL's fused LM head
+(``trl-fused-head``: trl.kernels.ChunkedLogProbFunction as trl 1.16's DPOTrainer calls
+it), run where trl is installed and reported as skipped, with the reason, where not.
+All get the same hidden states, head weight and labels (about half of the positions
+counted, shift=True) and differentiate the sequence means into the hidden states and the
+weight; every contender is checked against eager before anything is timed. Reports the
+median time and the peak memory above the inputs (host resident memory on CPU,
+PyTorch's allocator on a GPU), with the ratios to eager.
 """
 
 from __future__ import annotations
@@ -58,6 +60,42 @@ def lenalign_step(hidden, weight, labels, mask):
     return linear_sequence_logprobs(hidden, weight, labels, mask, shift=True).mean
 
 
+# trl >= 1.16's DPOTrainer (add_fused_lm_head) scores the counted positions' hidden states
+# through trl.kernels.ChunkedLogProbFunction, 32768 vocabulary columns per tile
+TRL_VOCAB_CHUNK = 32768
+
+
+def trl_unavailable() -> str | None:
+    try:
+        # trl.trainer.utils is imported by the function's forward: a dependency missing
+        # there would otherwise fail the first call instead of skipping the contender
+        import trl.trainer.utils  # noqa: F401
+        from trl.kernels import ChunkedLogProbFunction  # noqa: F401
+    except ImportError as error:
+        return f"trl.kernels.ChunkedLogProbFunction cannot run ({error}); trl 1.16 has it"
+    return None
+
+
+def trl_step(hidden, weight, labels, mask):
+    from trl.kernels import ChunkedLogProbFunction
+
+    # TRL's own layout: hidden state t scores label t + 1, only where that label counts
+    counted = mask[:, 1:]
+    log_probs = ChunkedLogProbFunction.apply(
+        hidden[:, :-1][counted], weight, None, labels[:, 1:][counted],
+        1.0, TRL_VOCAB_CHUNK, None, 1.0, ("log_probs",),
+    )[0]  # fmt: skip
+    per_token = log_probs.new_zeros(counted.shape).masked_scatter(counted, log_probs)
+    return per_token.float().sum(1) / counted.sum(1).clamp(min=1)
+
+
+# name -> (step, why it cannot run here or None)
+CONTENDERS: dict[str, tuple[Callable, Callable[[], str | None]]] = {
+    "lenalign": (lenalign_step, lambda: None),
+    "trl-fused-head": (trl_step, trl_unavailable),
+}
+
+
 def run_step(step: Callable, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     hidden, weight, labels, mask = inputs
     hidden = hidden.detach().requires_grad_(True)
@@ -93,17 +131,26 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     failed = False
     for shape in shapes:
+        label = "x".join(map(str, shape))
         inputs = make_inputs(shape, dtype, device)
         want = run_step(eager_step, inputs)
-        got = run_step(lenalign_step, inputs)
-        errors = [worst_relative(g, w) for g, w in zip(got, want, strict=True)]
-        label = "x".join(map(str, shape))
-        if max(errors) > tolerance:
-            failed = True
-            print(f"| {label} | lenalign | FAILED: relative errors {errors} over {tolerance} | |")
-            continue
+        steps = {"eager": eager_step}
+        for name, (step, unavailable) in CONTENDERS.items():
+            reason = unavailable()
+            if reason is not None:
+                print(f"| {label} | {name} | skipped: {reason} | | | |")
+                continue
+            # checked against eager before it is timed: a wrong result gets no time
+            errors = [
+                worst_relative(g, w) for g, w in zip(run_step(step, inputs), want, strict=True)
+            ]
+            if max(errors) > tolerance:
+                failed = True
+                print(f"| {label} | {name} | FAILED: relative errors {errors} over {tolerance} | |")
+                continue
+            steps[name] = step
         figures = {}
-        for name, step in (("eager", eager_step), ("lenalign", lenalign_step)):
+        for name, step in steps.items():
             probe.start()
             run_step(step, inputs)
             peak = probe.stop()
@@ -112,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeats)
             )
             figures[name] = (seconds, peak)
+        base_seconds, base_peak = figures["eager"]
         for name, (seconds, peak) in figures.items():
-            base_seconds, base_peak = figures["eager"]
             print(
                 f"| {label} | {name} | {seconds * 1e3:.0f} ms | {seconds / base_seconds:.2f}x | "
                 f"{peak / 2**20:.0f} MiB | {peak / max(base_peak, 1):.2f}x |"

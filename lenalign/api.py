@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .backends import select_backend
 from .function import SequenceLogProbsFunction
 from .layout import RowLayout, build_layout, build_linear_layout
-from .linear_function import LinearSequenceLogProbsFunction, default_chunk_rows
+from .linear_function import HeadTransform, LinearSequenceLogProbsFunction, default_chunk_rows
 from .outputs import SequenceLogProbs
 
 
@@ -71,6 +73,8 @@ def linear_sequence_logprobs(
     shift: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     return_token_logprobs: bool = False,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     chunk_rows: int | None = None,
     backend: str = "auto",
 ) -> SequenceLogProbs:
@@ -91,21 +95,28 @@ def linear_sequence_logprobs(
         labels, mask, ignore_index, shift, cu_seqlens, return_token_logprobs, backend: as
             for ``sequence_logprobs``, with ``hidden`` in place of the logits.
         bias: optional [V] LM-head bias, the hidden states' dtype and device.
+        logit_scale: the logits are multiplied by it (Cohere's ``config.logit_scale``);
+            a finite number > 0.
+        logit_softcap: then, if given, capped as ``softcap * tanh(z / softcap)`` (Gemma
+            2's ``config.final_logit_softcapping``); a finite number > 0 or None.
         chunk_rows: counted rows projected at a time; default: as many as fit 256 MiB of
             logits (1046 rows at V = 128256 in bf16).
 
     Returns:
         SequenceLogProbs as ``sequence_logprobs``; differentiable in ``hidden``,
-        ``weight`` and ``bias``. The logits are ``F.linear(hidden, weight, bias)`` in the
-        hidden states' dtype, as the model's own head computes them; logit scaling or
-        soft-capping (Gemma 2) is not applied: compute such logits and use
-        ``sequence_logprobs``.
+        ``weight`` and ``bias``. The logits are ``F.linear(hidden, weight, bias)``, then
+        scaled and capped, in the hidden states' dtype and op by op as the models write
+        it, so that they are the bits the model's own head would produce.
 
     Raises:
         ValueError: naming the argument, as ``sequence_logprobs``, and for a weight or
             bias whose shape, dtype or device does not match the hidden states.
     """
     _check_flag("return_token_logprobs", return_token_logprobs)
+    transform = HeadTransform(
+        _positive_finite("logit_scale", logit_scale),
+        None if logit_softcap is None else _positive_finite("logit_softcap", logit_softcap),
+    )
     if chunk_rows is not None and (
         isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
     ):
@@ -117,9 +128,17 @@ def linear_sequence_logprobs(
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(weight.shape[0], weight.element_size())
     outputs = LinearSequenceLogProbsFunction.apply(
-        layout.rows3d, weight, bias, layout, kernels, chunk_rows
+        layout.rows3d, weight, bias, layout, kernels, chunk_rows, transform
     )
     return _package(outputs, layout, return_token_logprobs)
+
+
+def _positive_finite(argument: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{argument}: expected a finite number > 0, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{argument}: expected a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _check_flag(argument: str, value: object) -> None:

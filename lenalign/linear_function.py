@@ -4,11 +4,12 @@ in chunks of counted rows, so that the [N, V] logits never exist at once.
 Forward, for each chunk of m counted rows with hidden states h [m, H]:
 
     z = h W^T + b                      [m, V] in the hidden states' dtype, as the head computes it
+    z = transform(z)                   scale and soft cap, where the model has them (HeadTransform)
     logprob, m, log_sum = row kernels  (kernels/forward.py), z then freed
 
 Backward, for each chunk: z is recomputed (the same matmul, so the same bits), the row
 backward kernel writes g = dL/dz = c[r] * (1[v == y] - p[v]) over it
-(kernels/backward.py), and with z = h W^T + b
+(kernels/backward.py), g is taken back through the transform, and with z = h W^T + b
 
     dL/dh = g W        [m, H]
     dL/dW = sum over chunks of g^T h    [V, H]
@@ -21,6 +22,7 @@ each chunk's product to 16 bits first would make the error grow with the chunk c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -48,6 +50,34 @@ def _head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     these logits, and must get the same bits as the forward whatever context it runs in."""
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         return torch.nn.functional.linear(hidden, weight, bias)
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """What some models do to h W^T + b before the softmax, written as they write it, in
+    the logits' dtype: ``z * scale`` (Cohere's logit_scale), then
+    ``softcap * tanh(z / softcap)`` (Gemma 2's final_logit_softcapping)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(transformed logits, the tanh output the backward needs, or None)."""
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is None:
+            return logits, None
+        capped = torch.tanh(logits / self.softcap)
+        return capped * self.softcap, capped
+
+    def backward(self, grad: torch.Tensor, capped: torch.Tensor | None) -> torch.Tensor:
+        """dL/dz from dL/d(transformed z): the chain of the forward's ops, op by op, as
+        eager autograd takes it (d tanh(u) / du = 1 - tanh(u)**2 via aten's tanh_backward)."""
+        if self.softcap is not None:
+            grad = torch.ops.aten.tanh_backward(grad * self.softcap, capped) / self.softcap
+        if self.scale != 1.0:
+            grad = grad * self.scale
+        return grad
 
 
 def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -83,6 +113,7 @@ class LinearSequenceLogProbsFunction(torch.autograd.Function):
         layout: RowLayout,
         backend: ModuleType,
         chunk_rows: int,
+        transform: HeadTransform,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         acc = accumulate_dtype(hidden3d.dtype)
         steps = hidden3d.shape[1]
@@ -96,7 +127,7 @@ class LinearSequenceLogProbsFunction(torch.autograd.Function):
         logprob_counted = torch.empty_like(row_max)
         for start in range(0, counted_rows.numel(), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = _head(hidden_counted[rows], weight, bias)
+            logits, _ = transform.forward(_head(hidden_counted[rows], weight, bias))
             logprob_counted[rows], row_max[rows], log_sum[rows] = backend.row_logprob_forward(
                 logits.unsqueeze(0), targets_counted[rows], acc
             )
@@ -109,6 +140,7 @@ class LinearSequenceLogProbsFunction(torch.autograd.Function):
         )
         ctx.hidden_shape = hidden3d.shape
         ctx.chunk_rows = chunk_rows
+        ctx.transform = transform
         return outputs
 
     @staticmethod
@@ -116,7 +148,7 @@ class LinearSequenceLogProbsFunction(torch.autograd.Function):
     def backward(ctx, grad_sum, grad_mean, _grad_count, grad_token):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if not (need_hidden or need_weight or need_bias):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         hidden_counted, counted_rows, weight, bias, row_max, log_sum, seq_count = ctx.saved_tensors
         layout: RowLayout = ctx.layout
         coef = row_coefficients(layout, seq_count, grad_sum, grad_mean, grad_token, log_sum.dtype)
@@ -136,7 +168,7 @@ class LinearSequenceLogProbsFunction(torch.autograd.Function):
         no_autocast = torch.autocast(device_type=weight.device.type, enabled=False)
         for start in chunks:
             rows = slice(start, start + chunk_rows)
-            logits = _head(hidden_counted[rows], weight, bias)
+            logits, capped = ctx.transform.forward(_head(hidden_counted[rows], weight, bias))
             ctx.backend.row_logprob_backward(
                 logits.unsqueeze(0),
                 targets_counted[rows],
@@ -145,7 +177,9 @@ class LinearSequenceLogProbsFunction(torch.autograd.Function):
                 coef_counted[rows],
                 logits.unsqueeze(0),
             )
-            grad_logits = logits  # overwritten in place by the row backward
+            # the row backward wrote dL/d(transformed logits) over them; back through the
+            # transform to dL/d(h W^T + b)
+            grad_logits = ctx.transform.backward(logits, capped)
             with no_autocast:
                 if need_hidden:
                     grad_hidden_counted[rows] = grad_logits @ weight
@@ -153,7 +187,7 @@ class LinearSequenceLogProbsFunction(torch.autograd.Function):
                     _add_product(grad_weight, grad_logits.t(), hidden_counted[rows])
                 if need_bias:
                     grad_bias += grad_logits.sum(0, dtype=sum_dtype)
-            del logits, grad_logits  # one chunk at a time, as in the forward
+            del logits, capped, grad_logits  # one chunk at a time, as in the forward
         grad_hidden = None
         if need_hidden:
             steps = ctx.hidden_shape[1]
@@ -163,6 +197,7 @@ class LinearSequenceLogProbsFunction(torch.autograd.Function):
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(weight.dtype),
+            None,
             None,
             None,
             None,

@@ -400,6 +400,8 @@ def preference_loss_from_hidden(
     *,
     bias: torch.Tensor | None = None,
     shift: bool = True,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     chunk_rows: int | None = None,
     backend: str = "auto",
     loss_type: str = "sigmoid",
@@ -415,7 +417,7 @@ def preference_loss_from_hidden(
         weight: [V, H] LM-head weight; ``bias``: optional [V] LM-head bias.
         labels, mask, ref_logps, shift, backend, loss_type, **loss_kwargs: as for
             ``preference_loss_from_logits``.
-        chunk_rows: as for ``linear_sequence_logprobs``.
+        logit_scale, logit_softcap, chunk_rows: as for ``linear_sequence_logprobs``.
 
     Returns:
         PreferenceLossOutput, the loss differentiable in ``hidden``, ``weight`` and
@@ -433,6 +435,8 @@ def preference_loss_from_hidden(
         mask,
         bias=bias,
         shift=shift,
+        logit_scale=logit_scale,
+        logit_softcap=logit_softcap,
         chunk_rows=chunk_rows,
         backend=backend,
     )

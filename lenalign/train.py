@@ -308,37 +308,45 @@ def forward_logits(
 @dataclass(frozen=True)
 class HeadInput:
     """What the LM head receives, for ``linear_sequence_logprobs``: [2B, T, H] hidden
-    states, the head's [V, H] weight and its [V] bias or None."""
+    states, the head's [V, H] weight and [V] bias or None, and the keyword arguments that
+    reproduce the model's scaling and capping of its logits."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
+    transform: dict[str, float | None]
 
 
-# config fields by which some architectures scale or cap the head's output (Gemma 2,
-# Cohere, Granite, Falcon-H1, ...): logits that linear_sequence_logprobs does not form
-LOGIT_TRANSFORMS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "logits_scaling",
-    "output_multiplier",
-    "lm_head_multiplier",
-)
+# config fields by which some architectures change the head's output, in ways that
+# linear_sequence_logprobs does not reproduce (Granite, Falcon-H1, Muse, HyperCLOVA X)
+UNSUPPORTED_LOGIT_TRANSFORMS = ("logits_scaling", "output_multiplier", "lm_head_multiplier")
 
 
-def check_fused_head(model: PreTrainedModel) -> None:
-    """Refuse ``fused_head`` for a model whose logits are more than ``hidden @ W.T + b``."""
-    if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
-        kind = type(model.get_output_embeddings()).__name__
+def fused_head_transform(model: PreTrainedModel) -> dict[str, float | None]:
+    """``linear_sequence_logprobs``'s logit_scale and logit_softcap for ``model``'s head.
+
+    Cohere multiplies its logits by ``config.logit_scale``; the Gemma family caps them
+    with ``config.final_logit_softcapping``. A head that is not an ``nn.Linear``, or a
+    config with any other logit transform, is refused: its logits would not be formed.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        kind = type(head).__name__
         raise ValueError(f"fused_head: expected a model whose LM head is nn.Linear, got {kind}")
     text_config = model.config.get_text_config()
-    for name in LOGIT_TRANSFORMS:
+    for name in UNSUPPORTED_LOGIT_TRANSFORMS:
         value = getattr(text_config, name, None)
         if value is not None and value != 1:
             raise ValueError(
-                f"fused_head: expected a model whose logits are hidden @ W.T + b, got one "
-                f"with {name}={value}; train it with fused_head off"
+                f"fused_head: expected a model whose logits are (hidden @ W.T + b) scaled by "
+                f"logit_scale and capped by final_logit_softcapping, got one with "
+                f"{name}={value}; train it with fused_head off"
             )
+    scale = getattr(text_config, "logit_scale", None)
+    return {
+        "logit_scale": 1.0 if scale is None else float(scale),
+        "logit_softcap": getattr(text_config, "final_logit_softcapping", None),
+    }
 
 
 def forward_head_input(
@@ -349,6 +357,7 @@ def forward_head_input(
     Under autocast the head's matmul would run in ``amp``: the three are cast to it here,
     since ``linear_sequence_logprobs`` forms the logits in its inputs' dtype.
     """
+    transform = fused_head_transform(model)
     device = batch["input_ids"].device
     with _autocast(device, amp):
         outputs = model.base_model(
@@ -358,7 +367,7 @@ def forward_head_input(
     parts = (outputs.last_hidden_state, head.weight, head.bias)
     if amp is not None:
         parts = tuple(None if part is None else part.to(amp) for part in parts)
-    return HeadInput(*parts)
+    return HeadInput(*parts, transform)
 
 
 def forward_outputs(
@@ -384,7 +393,13 @@ def completion_logprobs(
     labels, mask = batch["input_ids"], batch["completion_mask"]
     if isinstance(outputs, HeadInput):
         logps = linear_sequence_logprobs(
-            outputs.hidden, outputs.weight, labels, mask, bias=outputs.bias, shift=True
+            outputs.hidden,
+            outputs.weight,
+            labels,
+            mask,
+            bias=outputs.bias,
+            shift=True,
+            **outputs.transform,
         )
     else:
         logps = sequence_logprobs(outputs, labels, mask, shift=True)
@@ -917,7 +932,7 @@ def _train(
         raise ValueError("train_pairs: expected at least one training pair")
     policy, tokenizer = load_model(config, model, tokenizer)
     if config.fused_head:
-        check_fused_head(policy)
+        fused_head_transform(policy)  # refuses a head it cannot form, before any step
     policy.to(device)
     pad = special_tokens(tokenizer).pad
     train_data = PreferenceData(

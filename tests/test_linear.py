@@ -310,3 +310,97 @@ def test_strided_view_and_empty_batch(backend):
     assert out.sum.shape == (0,)
     out.sum.sum().backward()
     assert empty.grad.shape == empty.shape
+
+
+def transformed(logits, scale, softcap):
+    """The head transforms as the models write them (Cohere's scale, Gemma 2's soft cap)."""
+    logits = logits * scale
+    return softcap * torch.tanh(logits / softcap) if softcap is not None else logits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("scale", "softcap"), [(0.7, None), (1.0, 2.5), (1.3, 3.0)])
+def test_scaled_and_capped_head_matches_truth_and_gradchecks(backend, scale, softcap):
+    hidden, weight, head_bias, labels, mask = head_problem(2, 6, 4, 9, seed=15)
+    weights = upstream_gradients(2, labels.shape)
+    options = {"logit_scale": scale, "logit_softcap": softcap}
+
+    def ours(h, w, b):
+        out = linear_sequence_logprobs(
+            h, w, labels, mask, bias=b, shift=True, return_token_logprobs=True,
+            chunk_rows=3, backend=backend, **options,
+        )  # fmt: skip
+        return weighted_objective(out.sum, out.mean, out.token_logprobs, weights)
+
+    def truth(h, w, b):
+        logits = transformed(torch.nn.functional.linear(h, w, b), scale, softcap)
+        want = naive_sequence_logprobs(logits, labels, mask, shift=True)
+        return weighted_objective(want[0], want[1], want[3], weights)
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, head_bias)]
+    truth_leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, head_bias)]
+    got, want = ours(*leaves), truth(*truth_leaves)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got.backward()
+    want.backward()
+    for leaf, expected in zip(leaves, truth_leaves, strict=True):
+        torch.testing.assert_close(leaf.grad, expected.grad, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(ours, tuple(leaves), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_scaled_and_capped_head_error_no_larger_than_eager(backend, dtype):
+    hidden, weight, head_bias, labels, mask = head_problem(3, 6, 16, 300, dtype=dtype, seed=16)
+    weights = upstream_gradients(3, labels.shape)
+    scale, softcap = 1.5, 4.0
+
+    def run(compute, h, w, b):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (h, w, b)]
+        out = compute(*leaves)
+        weighted_objective(out.sum, out.mean, out.token_logprobs, weights).backward()
+        values = torch.cat([out.sum.double(), out.mean.double(), out.token_logprobs.flatten()])
+        return [values.double().detach()] + [leaf.grad.double() for leaf in leaves]
+
+    def eager(h, w, b):
+        logits = transformed(torch.nn.functional.linear(h, w, b), scale, softcap)
+        return reference_sequence_logprobs(logits, labels, mask, shift=True)
+
+    def ours(h, w, b):
+        return linear_sequence_logprobs(
+            h, w, labels, mask, bias=b, shift=True, return_token_logprobs=True, chunk_rows=4,
+            logit_scale=scale, logit_softcap=softcap, backend=backend,
+        )  # fmt: skip
+
+    truth = run(eager, hidden.double(), weight.double(), head_bias.double())
+    names = ("values", "hidden grad", "weight grad", "bias grad")
+    results = zip(
+        names,
+        run(ours, hidden, weight, head_bias),
+        run(eager, hidden, weight, head_bias),
+        truth,
+        strict=True,
+    )
+    for name, got, base, want in results:
+        ours_error = float((got - want).abs().max())
+        eager_error = float((base - want).abs().max())
+        tolerance = torch.finfo(dtype).eps * float(want.abs().max())
+        assert ours_error <= eager_error + tolerance, (name, ours_error, eager_error)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("logit_scale", 0.0),
+        ("logit_scale", -1.0),
+        ("logit_scale", float("nan")),
+        ("logit_scale", "1"),
+        ("logit_softcap", 0.0),
+        ("logit_softcap", float("inf")),
+        ("logit_softcap", True),
+    ],
+)
+def test_bad_transform_is_refused(argument, value):
+    hidden, weight, _, labels, _ = head_problem(2, 5, 4, 9, seed=17)
+    with pytest.raises(ValueError, match=rf"^{argument}: expected a finite number > 0"):
+        linear_sequence_logprobs(hidden, weight, labels, **{argument: value})

@@ -19,7 +19,15 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from lenalign import reference_sequence_logprobs
 from lenalign.cli import main as cli_main
@@ -32,13 +40,14 @@ from lenalign.synthetic import (
 from lenalign.tiny import build_byte_tokenizer, build_tiny_llama
 from lenalign.train import (
     Generation,
+    HeadInput,
     TrainConfig,
     batch_loss,
     build_parser,
-    check_fused_head,
     config_from_args,
     forward_head_input,
     forward_logits,
+    fused_head_transform,
     generate_greedy,
     generation_metrics,
     loss_options,
@@ -295,12 +304,54 @@ def test_fused_head_trains_like_the_logits_path(tmp_path):
     assert fused.eval_log[0]["loss"] == pytest.approx(plain.eval_log[0]["loss"], rel=1e-4)
 
 
-def test_fused_head_refuses_a_model_with_capped_logits(tokenizer):
+def tiny_head_model(kind: str, vocab: int, seed: int):
+    """A one-layer Gemma 2 (soft-capped logits) or Cohere (scaled logits) built in code,
+    with a head large enough that the cap and the scale change the log-likelihoods."""
+    torch.manual_seed(seed)
+    sizes = {"vocab_size": vocab, "hidden_size": 16, "intermediate_size": 32}
+    sizes |= {"num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    if kind == "gemma2":
+        config = Gemma2Config(**sizes, head_dim=8, final_logit_softcapping=3.0)
+        model = Gemma2ForCausalLM(config)
+    else:
+        model = CohereForCausalLM(CohereConfig(**sizes, logit_scale=0.25))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(200.0)
+    return model.double()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "cohere"])
+def test_fused_head_reproduces_scaled_and_capped_logits(tmp_path, tokenizer, kind):
+    config = small_config(tmp_path, loss_type="simpo", length_normalization="mean", beta=2.0)
+    rows = tokenize_pairs(make_case_pairs(4, seed=5), tokenizer, 48, 24)
+    batch = collate_pairs(rows, tokenizer.pad_token_id)
+    results = []
+    for fused in (False, True):
+        model = tiny_head_model(kind, len(tokenizer), seed=3)
+        outputs = forward_head_input(model, batch) if fused else forward_logits(model, batch)
+        out = batch_loss(outputs, batch, None, config)
+        out.loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads, outputs))
+    (loss, grads, _), (fused_loss, fused_grads, head_input) = results
+    # the transform matters here: without it the loss would differ
+    assert head_input.transform != {"logit_scale": 1.0, "logit_softcap": None}
+    plain = batch_loss(
+        HeadInput(head_input.hidden, head_input.weight, head_input.bias, {}), batch, None, config
+    )
+    assert abs(float(plain.loss.detach()) - float(loss)) > 1e-3
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-10, atol=1e-12)
+    assert fused_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_fused_head_refuses_a_transform_it_cannot_form(tokenizer):
     model = build_tiny_llama(tokenizer, seed=0)
-    check_fused_head(model)
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match=r"^fused_head: expected .*final_logit_softcapping=30.0"):
-        check_fused_head(model)
+    assert fused_head_transform(model) == {"logit_scale": 1.0, "logit_softcap": None}
+    model.config.logits_scaling = 8.0
+    with pytest.raises(ValueError, match=r"^fused_head: expected .*logits_scaling=8.0"):
+        fused_head_transform(model)
 
 
 def test_trainer_first_step_logs_the_independently_computed_loss(tmp_path, tokenizer):

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Everything a lent GPU box is for, in one run, in this order:
+# Everything a lent GPU box is for, in one run, most needed first (a run cut short by a
+# time limit keeps what came first):
 #   1. the kernel tests on the GPU (compiled, not interpreted; tests/test_gpu.py goes past
 #      2**31 logits): tests.log
-#   2. benchmarks/tune.py, the (BLOCK_V, num_warps) sweep of the row kernels: tune.*, and
-#      benchmarks/linear_head.py, lenalign from hidden states against eager: linear_head.log
-#   3. `lenalign bench` (bf16, every vocabulary at 4k and 16k tokens, every contender
-#      installed there): bench.*, and one case of the pytest-benchmark suite
+#   2. `lenalign bench` (bf16, every vocabulary at 4k and 16k tokens, every contender
+#      installed there): bench.*
+#   3. benchmarks/linear_head.py, from hidden states against eager and TRL's fused head:
+#      linear_head.log
+#   4. benchmarks/tune.py, the (BLOCK_V, num_warps) sweep of the row kernels: tune.*
+#   5. one case of the pytest-benchmark suite
 #
 #   benchmarks/gpu.sh RESULTS_DIR
 #
 # Run from anywhere in a checkout on a machine whose python3 (or $PYTHON) has torch and
 # triton. Nothing is downloaded or built: the checkout is put on PYTHONPATH as the package
-# lenalign. RESULTS_DIR receives machine.txt, the logs, tests.log, tune.json/tune.md,
-# bench.json/bench.md/bench.png and, where pytest-benchmark is installed,
+# lenalign. RESULTS_DIR receives machine.txt, the logs, bench.json/bench.md/bench.png,
+# tune.json/tune.md and, where pytest-benchmark is installed,
 # pytest-benchmark.json. A step that fails does not stop the later ones; the exit status
 # is that of the first step that failed.
 set -euo pipefail
@@ -71,9 +74,9 @@ step "kernel tests" tests.log "$python" -m pytest -q -rs -p no:cacheprovider --r
 	"$repo/tests/test_gpu.py" "$repo/tests/test_gradcheck.py" "$repo/tests/test_accuracy.py" \
 	"$repo/tests/test_edge_cases.py" "$repo/tests/test_errors.py" "$repo/tests/test_losses.py" \
 	"$repo/tests/test_linear.py" "$repo/tests/test_tune.py"
-step "tune" tune.log "$python" "$repo/benchmarks/tune.py" --out "$out"
-step "linear head" linear_head.log "$python" "$repo/benchmarks/linear_head.py"
 step "lenalign bench" bench.log "$python" -m lenalign.cli bench --device cuda --out "$out"
+step "linear head" linear_head.log "$python" "$repo/benchmarks/linear_head.py"
+step "tune" tune.log "$python" "$repo/benchmarks/tune.py" --out "$out"
 
 if "$python" -c "import pytest_benchmark" 2>/dev/null; then
 	# one case, 16k tokens of a Llama-3 vocabulary: the suite is lenalign bench's

@@ -25,18 +25,14 @@ from collections.abc import Callable
 import torch
 
 from lenalign import linear_sequence_logprobs, reference_sequence_logprobs
+from lenalign.bench import shape_parser
 from lenalign.bench_case import Clock, machine_description, peak_memory_probe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHAPES = {"cpu": ["4x512x256x32000", "4x512x256x128256"], "cuda": ["8x2048x4096x128256"]}
 
 
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"expected BxTxHxV of positive integers, got {text!r}")
-    batch, steps, features, vocab = (int(p) for p in parts)
-    return batch, steps, features, vocab
+parse_shape = shape_parser("BxTxHxV", "8x2048x4096x128256")
 
 
 def make_inputs(shape, dtype, device):

@@ -134,9 +134,9 @@ def linear_sequence_logprobs(
 
 
 def _positive_finite(argument: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{argument}: expected a finite number > 0, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
+    # bool is an int subclass, and True as a scale is a slip, not a 1
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (is_number and math.isfinite(value) and value > 0):
         raise ValueError(f"{argument}: expected a finite number > 0, got {value!r}")
     return float(value)
 

@@ -22,7 +22,7 @@ import multiprocessing
 import shlex
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -70,17 +70,28 @@ def default_shapes(device_type: str, full: bool) -> list[tuple[int, int, int]]:
     return [(batch, steps, vocab) for vocab in vocabularies]
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
-    """Parse ``BxTxV`` (argparse type of ``--shape``)."""
-    try:
-        batch, steps, vocab = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected BxTxV such as 4x512x128256, got {text!r}"
-        ) from None
-    if min(batch, steps, vocab) < 1 or steps < 2:
-        raise argparse.ArgumentTypeError(f"expected B >= 1, T >= 2, V >= 1, got {text!r}")
-    return batch, steps, vocab
+def shape_parser(letters: str, example: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type for a shape written like ``letters`` (``"BxTxV"``): every size
+    >= 1, and T >= 2, since the causal shift needs two positions to count one."""
+    names = letters.split("x")
+    minimum = {name: 2 if name == "T" else 1 for name in names}
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            sizes = tuple(int(part) for part in text.lower().split("x"))
+        except ValueError:
+            sizes = ()
+        if len(sizes) != len(names):
+            raise argparse.ArgumentTypeError(f"expected {letters} such as {example}, got {text!r}")
+        if any(size < minimum[name] for name, size in zip(names, sizes, strict=True)):
+            bounds = ", ".join(f"{name} >= {minimum[name]}" for name in names)
+            raise argparse.ArgumentTypeError(f"expected {bounds}, got {text!r}")
+        return sizes
+
+    return parse
+
+
+parse_shape = shape_parser("BxTxV", "4x512x128256")
 
 
 def _names(known: tuple[str, ...], what: str):

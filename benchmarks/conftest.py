@@ -14,15 +14,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from lenalign.bench import default_shapes, parse_shape
-from lenalign.bench_case import (
+from lenalign.bench import (
     CaseSpec,
     CudaPeakMemory,
     HostPeakMemory,
     Reference,
     Workload,
+    default_shapes,
     eager_reference,
     make_workload,
+    parse_shape,
     peak_memory_probe,
 )
 

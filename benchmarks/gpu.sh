@@ -37,7 +37,10 @@ trap 'rm -rf "$scratch"' EXIT
 # folder), from links in a scratch folder: a lent box may have no setuptools new enough
 # for an editable install, and no index to fetch one from
 mkdir "$scratch/lenalign"
-ln -s "$repo"/lenalign/*.py "$scratch/lenalign/"
+for entry in "$repo"/lenalign/*; do
+	# the modules and the wings' subpackages; not a bytecode cache
+	if [ "$(basename "$entry")" != __pycache__ ]; then ln -s "$entry" "$scratch/lenalign/"; fi
+done
 ln -s "$repo/kernels" "$scratch/lenalign/kernels"
 export PYTHONPATH="$scratch${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$python" -c "import lenalign.kernels"; then
@@ -73,7 +76,7 @@ step() { # step NAME LOG COMMAND...: run, log, keep the first failure's status
 step "kernel tests" tests.log "$python" -m pytest -q -rs -p no:cacheprovider --rootdir "$repo" \
 	"$repo/tests/test_gpu.py" "$repo/tests/test_gradcheck.py" "$repo/tests/test_accuracy.py" \
 	"$repo/tests/test_edge_cases.py" "$repo/tests/test_errors.py" "$repo/tests/test_losses.py" \
-	"$repo/tests/test_linear.py" "$repo/tests/test_tune.py"
+	"$repo/tests/test_linear.py" "$repo/tests/bench/test_tune.py"
 step "lenalign bench" bench.log "$python" -m lenalign.cli bench --device cuda --out "$out"
 step "linear head" linear_head.log "$python" "$repo/benchmarks/linear_head.py"
 step "tune" tune.log "$python" "$repo/benchmarks/tune.py" --out "$out"

@@ -25,8 +25,7 @@ from collections.abc import Callable
 import torch
 
 from lenalign import linear_sequence_logprobs, reference_sequence_logprobs
-from lenalign.bench import shape_parser
-from lenalign.bench_case import Clock, machine_description, peak_memory_probe
+from lenalign.bench import Clock, machine_description, peak_memory_probe, shape_parser
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHAPES = {"cpu": ["4x512x256x32000", "4x512x256x128256"], "cuda": ["8x2048x4096x128256"]}

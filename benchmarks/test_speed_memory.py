@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from lenalign.bench import DEFAULT_REPEATS
-from lenalign.bench_case import check, make_step, synchronize
-from lenalign.bench_contenders import CONTENDERS, MODES
+from lenalign.bench import CONTENDERS, DEFAULT_REPEATS, MODES, check, make_step, synchronize
 
 PAIRS = [
     pytest.param(name, mode, id=f"{mode}-{name}")

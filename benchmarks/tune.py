@@ -3,7 +3,7 @@
     python benchmarks/tune.py --out DIR            # on a GPU: bf16, 8192 rows
     python benchmarks/tune.py --vocab 128256 --blocks 4096 8192 --warps 8 16
 
-kernels/heuristics.py picks (BLOCK_V, num_warps) from the vocabulary and element size
+kernels/launch.py picks (BLOCK_V, num_warps) from the vocabulary and element size
 alone. This script measures every candidate pair on the device, forward and backward
 apart, at every counted row (the kernels skip the others, so counted rows are where the
 time goes): achieved bytes per second against the kernel's byte floor (forward reads the
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from lenalign import kernels, torch_backend
-from lenalign.bench_case import Clock, copy_bandwidth, machine_description
-from lenalign.kernels.heuristics import vocab_block
+from lenalign.bench import Clock, copy_bandwidth, machine_description
+from lenalign.kernels.launch import vocab_block
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULTS = {

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .heuristics import triton_dtype, vocab_block
+from .launch import triton_dtype, vocab_block
 
 
 @triton.jit
@@ -32,22 +32,22 @@ def _row_logprob_backward_kernel(
     row_max_ptr,  # [N] m[r] saved by the forward
     log_sum_ptr,  # [N] log_sum[r] saved by the forward
     coef_ptr,  # [N] c[r], the folded upstream gradient of the row
-    steps,
+    seq_len,
     stride_batch,
-    stride_step,
+    stride_position,
     grad_stride_batch,
-    grad_stride_step,
+    grad_stride_position,
     vocab,
     ACC_DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    batch_index = row // steps
-    step_index = row % steps
-    grad_row_ptr = grad_ptr + batch_index * grad_stride_batch + step_index * grad_stride_step
+    batch_index = row // seq_len
+    position = row % seq_len
+    grad_row_ptr = grad_ptr + batch_index * grad_stride_batch + position * grad_stride_position
     target = tl.load(targets_ptr + row)
     if target >= 0:
-        row_ptr = logits_ptr + batch_index * stride_batch + step_index * stride_step
+        row_ptr = logits_ptr + batch_index * stride_batch + position * stride_position
         row_max = tl.load(row_max_ptr + row)
         log_sum = tl.load(log_sum_ptr + row)
         coef = tl.load(coef_ptr + row)
@@ -79,8 +79,8 @@ def row_logprob_backward(
 
     ``launch`` = (BLOCK_V, num_warps) overrides the heuristic (benchmarks/tune.py sweeps it).
     """
-    batch, steps, vocab = logits3d.shape
-    n_rows = batch * steps
+    batch, seq_len, vocab = logits3d.shape
+    n_rows = batch * seq_len
     if n_rows == 0:
         return grad
     block, warps = launch or vocab_block(vocab, logits3d.element_size())
@@ -91,7 +91,7 @@ def row_logprob_backward(
         row_max,
         log_sum,
         coef,
-        steps,
+        seq_len,
         logits3d.stride(0),
         logits3d.stride(1),
         grad.stride(0),

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .heuristics import triton_dtype, vocab_block
+from .launch import triton_dtype, vocab_block
 
 
 @triton.jit
@@ -30,9 +30,9 @@ def _row_logprob_forward_kernel(
     logprob_ptr,  # [N] out: log p(target), 0 where not counted
     row_max_ptr,  # [N] out: m[r], saved for the backward
     log_sum_ptr,  # [N] out: log_sum[r], saved for the backward
-    steps,  # T: rows are addressed as (r // T, r % T)
+    seq_len,  # T: rows are addressed as (r // T, r % T)
     stride_batch,
-    stride_step,
+    stride_position,
     vocab,
     ACC_DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -40,7 +40,7 @@ def _row_logprob_forward_kernel(
     row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride can pass 2**31
     target = tl.load(targets_ptr + row)
     if target >= 0:
-        row_ptr = logits_ptr + (row // steps) * stride_batch + (row % steps) * stride_step
+        row_ptr = logits_ptr + (row // seq_len) * stride_batch + (row % seq_len) * stride_position
         running_max = tl.full((), float("-inf"), ACC_DTYPE)
         running_sum = tl.zeros((), ACC_DTYPE)
         # the label's logit is caught on the way, lane-wise, and reduced once at the end
@@ -49,16 +49,16 @@ def _row_logprob_forward_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             z = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(ACC_DTYPE)
             new_max = tl.maximum(running_max, tl.max(z, axis=0))
-            # while every logit so far is -inf, shift by 0 so that exp(-inf - -inf) never
+            # while every logit so far is -inf, pivot on 0 so that exp(-inf - -inf) never
             # turns into nan; +inf and nan logits still reach the sum and propagate
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max).to(ACC_DTYPE)
-            running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(
-                tl.exp(z - shift), axis=0
+            pivot = tl.where(new_max == float("-inf"), 0.0, new_max).to(ACC_DTYPE)
+            running_sum = running_sum * tl.exp(running_max - pivot) + tl.sum(
+                tl.exp(z - pivot), axis=0
             )
             running_max = new_max
             target_hits += tl.where(cols == target, z, 0.0)
         target_logit = tl.sum(target_hits, axis=0)
-        # running_sum is relative to the last shift: the max, or 0 for an all -inf row
+        # running_sum is relative to the last pivot: the max, or 0 for an all -inf row
         row_max = tl.where(running_max == float("-inf"), 0.0, running_max).to(ACC_DTYPE)
         log_sum = tl.log(running_sum)
         tl.store(row_max_ptr + row, row_max)
@@ -81,8 +81,8 @@ def row_logprob_forward(
     Returns (logprob [N], row_max [N], log_sum [N]), of dtype ``acc`` (float32/float64).
     ``launch`` = (BLOCK_V, num_warps) overrides the heuristic (benchmarks/tune.py sweeps it).
     """
-    batch, steps, vocab = logits3d.shape
-    n_rows = batch * steps
+    batch, seq_len, vocab = logits3d.shape
+    n_rows = batch * seq_len
     logprob = torch.empty(n_rows, dtype=acc, device=logits3d.device)
     row_max = torch.empty(n_rows, dtype=acc, device=logits3d.device)
     log_sum = torch.empty(n_rows, dtype=acc, device=logits3d.device)
@@ -95,7 +95,7 @@ def row_logprob_forward(
         logprob,
         row_max,
         log_sum,
-        steps,
+        seq_len,
         logits3d.stride(0),
         logits3d.stride(1),
         vocab,

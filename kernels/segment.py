@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .heuristics import triton_dtype
+from .launch import triton_dtype
 
 BLOCK_ROWS = 1024
 

@@ -1,15 +1,19 @@
-"""The public entry point: validate, normalize the layout, dispatch, run the Function."""
+"""The public entry points: validate, normalize the layout, pick the backend, run the
+registered operator (function.py, linear_function.py).
+
+What runs here is what ``torch.compile`` traces: checks of shapes, dtypes and devices,
+and tensor ops without host synchronizations. Whatever reads the data (label range,
+packed boundaries, the kernels) runs inside the operators."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
 from .backends import select_backend
-from .function import SequenceLogProbsFunction
-from .layout import RowLayout, build_layout, build_linear_layout
-from .linear_function import HeadTransform, LinearSequenceLogProbsFunction, default_chunk_rows
+from .checks import check_bool, check_int, fail, positive_finite
+from .function import SequenceLogProbsUnderFunc
+from .layout import RowLayout, build_layout, build_linear_layout, overlaps_itself
+from .linear_function import LinearSequenceLogProbsUnderFunc, default_chunk_rows
 from .outputs import SequenceLogProbs
 
 
@@ -54,11 +58,23 @@ def sequence_logprobs(
         ValueError: naming the argument, for wrong shapes, dtypes or devices, a label
             outside [0, V) at a counted position, or malformed ``cu_seqlens``.
     """
-    _check_flag("return_token_logprobs", return_token_logprobs)
-    _check_flag("inplace_backward", inplace_backward)
+    check_bool("return_token_logprobs", return_token_logprobs)
+    check_bool("inplace_backward", inplace_backward)
     layout = build_layout(logits, labels, mask, ignore_index, shift, cu_seqlens)
-    kernels = select_backend(backend, logits.device)
-    outputs = SequenceLogProbsFunction.apply(layout.rows3d, layout, kernels, inplace_backward)
+    if inplace_backward:
+        _check_inplace(layout.rows3d)
+    inputs = (
+        layout.rows3d,
+        layout.targets,
+        layout.cu_seqlens,
+        layout.shift,
+        inplace_backward,
+        select_backend(backend, logits.device),
+    )
+    if _functorch_active():
+        outputs = SequenceLogProbsUnderFunc.apply(*inputs)
+    else:
+        outputs = torch.ops.lenalign.sequence_logprobs(*inputs)
     return _package(outputs, layout, return_token_logprobs)
 
 
@@ -112,42 +128,60 @@ def linear_sequence_logprobs(
         ValueError: naming the argument, as ``sequence_logprobs``, and for a weight or
             bias whose shape, dtype or device does not match the hidden states.
     """
-    _check_flag("return_token_logprobs", return_token_logprobs)
-    transform = HeadTransform(
-        _positive_finite("logit_scale", logit_scale),
-        None if logit_softcap is None else _positive_finite("logit_softcap", logit_softcap),
-    )
-    if chunk_rows is not None and (
-        isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
-    ):
-        raise ValueError(f"chunk_rows: expected a positive int or None, got {chunk_rows!r}")
+    check_bool("return_token_logprobs", return_token_logprobs)
+    scale = positive_finite("logit_scale", logit_scale)
+    softcap = None if logit_softcap is None else positive_finite("logit_softcap", logit_softcap)
+    if chunk_rows is not None:
+        check_int("chunk_rows", chunk_rows, minimum=1)
     layout = build_linear_layout(
         hidden, weight, bias, labels, mask, ignore_index, shift, cu_seqlens
     )
-    kernels = select_backend(backend, hidden.device)
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(weight.shape[0], weight.element_size())
-    outputs = LinearSequenceLogProbsFunction.apply(
-        layout.rows3d, weight, bias, layout, kernels, chunk_rows, transform
+    # eagerly the backward keeps only the counted rows' hidden states; a compiled graph
+    # (and meta tensors) need shapes that do not depend on the data, so keep them all
+    compact = not torch.compiler.is_compiling() and hidden.device.type != "meta"
+    inputs = (
+        layout.rows3d,
+        weight,
+        bias,
+        layout.targets,
+        layout.cu_seqlens,
+        layout.shift,
+        chunk_rows,
+        scale,
+        softcap,
+        compact,
+        select_backend(backend, hidden.device),
     )
+    if _functorch_active():
+        outputs = LinearSequenceLogProbsUnderFunc.apply(*inputs)
+    else:
+        outputs = torch.ops.lenalign.linear_sequence_logprobs(*inputs)
     return _package(outputs, layout, return_token_logprobs)
 
 
-def _positive_finite(argument: str, value: object) -> float:
-    # bool is an int subclass, and True as a scale is a slip, not a 1
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (is_number and math.isfinite(value) and value > 0):
-        raise ValueError(f"{argument}: expected a finite number > 0, got {value!r}")
-    return float(value)
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, ...) is running this call."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _check_flag(argument: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{argument}: expected a bool, got {type(value).__name__}")
+def _check_inplace(logits3d: torch.Tensor) -> None:
+    """``inplace_backward`` writes each gradient element over its logit: refuse logits
+    whose elements share memory, where the writes would read each other's results."""
+    if overlaps_itself(logits3d):
+        fail(
+            "inplace_backward",
+            "logits whose elements do not share memory (not expanded or as_strided "
+            "over themselves)",
+            f"strides {logits3d.stride()} for shape {tuple(logits3d.shape)}",
+        )
 
 
 def _package(outputs: tuple, layout: RowLayout, return_token_logprobs: bool) -> SequenceLogProbs:
-    seq_sum, seq_mean, seq_count, token_logprobs = outputs
+    seq_sum, seq_mean, seq_count, token_logprobs = outputs[:4]
     return SequenceLogProbs(
         sum=seq_sum,
         mean=seq_mean,

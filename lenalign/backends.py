@@ -12,6 +12,7 @@ from types import ModuleType
 import torch
 
 from . import torch_backend
+from .checks import check_choice
 
 BACKENDS = ("auto", "triton", "torch")
 # devices for which Triton compiles kernels
@@ -42,16 +43,28 @@ def triton_runs_on(device: torch.device) -> tuple[bool, str]:
     )
 
 
-def select_backend(backend: str, device: torch.device) -> ModuleType:
-    """Resolve the ``backend`` argument of ``sequence_logprobs`` to a backend module."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return torch_backend
+def select_backend(backend: str, device: torch.device) -> str:
+    """Resolve the ``backend`` argument of ``sequence_logprobs``: "triton" or "torch".
+
+    The operators take the name, not the module: a registered operator's arguments are
+    tensors and plain values.
+    """
+    check_choice("backend", backend, BACKENDS)
+    if backend == "torch" or device.type == "meta":
+        return "torch"
     usable, reason = triton_runs_on(device)
     if usable and (backend == "triton" or device.type != "cpu"):
-        kernels, _ = _triton_kernels()
-        return kernels
+        return "triton"
     if backend == "triton":
         raise ValueError(f"backend: 'triton' cannot run here: {reason}")
+    return "torch"
+
+
+def backend_kernels(name: str) -> ModuleType:
+    """The module of row kernels that a resolved backend name stands for."""
+    if name == "triton":
+        kernels, reason = _triton_kernels()
+        if kernels is None:
+            raise ValueError(f"backend: 'triton' cannot run here: {reason}")
+        return kernels
     return torch_backend

@@ -1,4 +1,4 @@
-"""The ``lenalign`` console command: one subcommand per job, each in its own module."""
+"""The ``lenalign`` console command: one subcommand per wing, each wing owning its ``cli``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import sys
 # subcommand -> module whose ``main(argv)`` runs it; imported lazily so that
 # ``lenalign bench`` does not pay for transformers and ``lenalign train`` not for matplotlib.
 SUBCOMMANDS = {
-    "bench": ("lenalign.bench", "benchmark lenalign against eager PyTorch"),
-    "train": ("lenalign.train", "preference-train a causal LM through the fused loss"),
-    "study": ("lenalign.study", "length-versus-score study of sum and mean normalization"),
-    "codegen": ("lenalign.codegen", "compile the kernels for a GPU architecture, without one"),
+    "bench": ("lenalign.bench.cli", "benchmark lenalign against eager PyTorch"),
+    "train": ("lenalign.train.cli", "preference-train a causal LM through the fused loss"),
+    "study": ("lenalign.study.cli", "length-versus-score study of sum and mean normalization"),
+    "codegen": (
+        "lenalign.bench.codegen",
+        "compile the kernels for a GPU architecture, without one",
+    ),
 }
 
 

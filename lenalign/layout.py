@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_bool, check_int, check_tensor, fail
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -29,35 +31,29 @@ class RowLayout:
     rows3d: torch.Tensor  # [B, T, V] logits (vocab stride 1) or [B, T, H] hidden states
     targets: torch.Tensor  # [N] int64 target of each row, -1 where the row is not counted
     cu_seqlens: torch.Tensor  # [S + 1] int64 row boundaries of the sequences
-    segment_ids: torch.Tensor  # [N] int64 sequence of each row
     shift: int  # 1 when the label at flat position p is scored by row p - 1, else 0
     label_shape: torch.Size  # shape of token_logprobs: the labels' shape
 
 
-def _fail(argument: str, expected: str, got: object) -> None:
-    raise ValueError(f"{argument}: expected {expected}, got {got}")
-
-
-def _check_tensor(argument: str, value: object) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        _fail(argument, "a torch.Tensor", type(value).__name__)
-    return value
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype outputs are accumulated and reported in: fp64 for fp64 rows, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_rows(argument: str, value: object, packed: bool, feature: str) -> torch.Tensor:
     """Check logits ([.., V]) or hidden states ([.., H]): float dtype, 3-D or packed 2-D."""
-    rows = _check_tensor(argument, value)
+    rows = check_tensor(argument, value)
     if rows.dtype not in FLOAT_DTYPES:
-        _fail(argument, "dtype float16, bfloat16, float32 or float64", rows.dtype)
+        fail(argument, "dtype float16, bfloat16, float32 or float64", rows.dtype)
     if packed:
         if not (rows.dim() == 2 or (rows.dim() == 3 and rows.shape[0] == 1)):
-            _fail(
+            fail(
                 argument,
                 f"shape [N, {feature}] or [1, N, {feature}] with cu_seqlens",
                 tuple(rows.shape),
             )
     elif rows.dim() != 3:
-        _fail(
+        fail(
             argument,
             f"shape [B, T, {feature}] (or [N, {feature}] with cu_seqlens)",
             tuple(rows.shape),
@@ -68,41 +64,104 @@ def _check_rows(argument: str, value: object, packed: bool, feature: str) -> tor
 def _check_companion(
     argument: str, value: object, rows: torch.Tensor, rows_name: str, kind: str
 ) -> torch.Tensor:
-    value = _check_tensor(argument, value)
+    value = check_tensor(argument, value)
     if kind == "labels" and value.dtype not in INTEGER_DTYPES:
-        _fail(argument, "an integer dtype", value.dtype)
+        fail(argument, "an integer dtype", value.dtype)
     if kind == "mask" and value.dtype != torch.bool and value.dtype not in INTEGER_DTYPES:
-        _fail(argument, "dtype bool or an integer dtype", value.dtype)
+        fail(argument, "dtype bool or an integer dtype", value.dtype)
     if tuple(value.shape) != tuple(rows.shape[:-1]):
-        _fail(
+        fail(
             argument, f"shape {tuple(rows.shape[:-1])} ({rows_name}.shape[:-1])", tuple(value.shape)
         )
     if value.device != rows.device:
-        _fail(argument, f"device {rows.device} (the device of {rows_name})", value.device)
+        fail(argument, f"device {rows.device} (the device of {rows_name})", value.device)
     return value
 
 
-def _check_cu_seqlens(
-    cu_seqlens: object, n_rows: int, device: torch.device, rows_name: str
-) -> torch.Tensor:
-    cu_seqlens = _check_tensor("cu_seqlens", cu_seqlens)
+def _check_cu_seqlens(cu_seqlens: object, device: torch.device, rows_name: str) -> torch.Tensor:
+    """The checks of ``cu_seqlens`` that read no data; its values are checked by
+    ``row_targets``, inside the operator, where compilers do not trace."""
+    cu_seqlens = check_tensor("cu_seqlens", cu_seqlens)
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        _fail("cu_seqlens", "dtype int32 or int64", cu_seqlens.dtype)
+        fail("cu_seqlens", "dtype int32 or int64", cu_seqlens.dtype)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        _fail("cu_seqlens", "a 1-D tensor [S + 1] with S >= 0", tuple(cu_seqlens.shape))
+        fail("cu_seqlens", "a 1-D tensor [S + 1] with S >= 0", tuple(cu_seqlens.shape))
     if cu_seqlens.device != device:
-        _fail("cu_seqlens", f"device {device} (the device of {rows_name})", cu_seqlens.device)
-    bounds = cu_seqlens.to(torch.int64)
+        fail("cu_seqlens", f"device {device} (the device of {rows_name})", cu_seqlens.device)
+    return cu_seqlens.to(torch.int64)
+
+
+def _check_bounds(bounds: torch.Tensor, n_rows: int) -> None:
+    """The data checks of packed boundaries: 0 first, N last, never decreasing."""
     first, last = int(bounds[0]), int(bounds[-1])
     if first != 0:
-        _fail("cu_seqlens", "cu_seqlens[0] == 0", f"cu_seqlens[0] == {first}")
+        fail("cu_seqlens", "cu_seqlens[0] == 0", f"cu_seqlens[0] == {first}")
     if last != n_rows:
-        _fail("cu_seqlens", f"cu_seqlens[-1] == {n_rows} (the number of tokens)", last)
-    steps = bounds[1:] - bounds[:-1]
-    if bool((steps < 0).any()):
-        where = int(torch.nonzero(steps < 0)[0, 0])
-        _fail("cu_seqlens", "non-decreasing values", f"a decrease after index {where}")
-    return bounds
+        fail("cu_seqlens", f"cu_seqlens[-1] == {n_rows} (the number of tokens)", last)
+    lengths = bounds[1:] - bounds[:-1]
+    if bool((lengths < 0).any()):
+        where = int(torch.nonzero(lengths < 0)[0, 0])
+        fail("cu_seqlens", "non-decreasing values", f"a decrease after index {where}")
+
+
+@torch.library.custom_op("lenalign::row_targets", mutates_args=())
+def row_targets(
+    labels: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor,
+    ignore_index: int,
+    vocab: int,
+    shift: bool,
+    packed: bool,
+) -> torch.Tensor:
+    """[N] int64 target of each row, -1 where the row is not counted.
+
+    The checks that read the data (packed boundaries, label range) live here, inside a
+    registered operator: eager calls run them, compiled graphs call them as one opaque
+    node instead of breaking on their host synchronizations.
+    """
+    n_rows = labels.numel()
+    if packed:
+        _check_bounds(cu_seqlens, n_rows)
+    flat_labels = labels.reshape(n_rows).to(torch.int64)
+    counted = flat_labels != ignore_index
+    if mask is not None:
+        counted &= mask.reshape(n_rows).to(torch.bool)
+    if shift:
+        # the first position of every segment has no previous row to be scored by
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        segment_start = torch.zeros(n_rows, dtype=torch.bool, device=labels.device)
+        segment_start[cu_seqlens[:-1][lengths > 0]] = True
+        counted &= ~segment_start
+
+    out_of_range = counted & ((flat_labels < 0) | (flat_labels >= vocab))
+    if bool(out_of_range.any()):
+        position = int(torch.nonzero(out_of_range)[0, 0])
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(position), labels.shape))
+        fail(
+            "labels",
+            f"values in [0, {vocab}) at counted positions (or ignore_index={ignore_index})",
+            f"{int(flat_labels[position])} at position {index}",
+        )
+
+    targets = torch.where(counted, flat_labels, torch.full_like(flat_labels, -1))
+    if shift and n_rows > 0:
+        targets = torch.cat([targets[1:], targets.new_full((1,), -1)])
+    return targets
+
+
+@row_targets.register_fake
+def _(labels, mask, cu_seqlens, ignore_index, vocab, shift, packed):
+    return labels.new_empty(labels.numel(), dtype=torch.int64)
+
+
+def segment_ids(cu_seqlens: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """[N] int64 sequence of each row, from the [S + 1] boundaries."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    n_seq = cu_seqlens.numel() - 1
+    return torch.repeat_interleave(
+        torch.arange(n_seq, device=cu_seqlens.device), lengths, output_size=n_rows
+    )
 
 
 def build_layout(
@@ -116,7 +175,7 @@ def build_layout(
     """Validate the arguments of ``sequence_logprobs`` and normalize them to a RowLayout."""
     logits = _check_rows("logits", logits, cu_seqlens is not None, "V")
     if logits.shape[-1] < 1:
-        _fail("logits", "a vocabulary dimension of size >= 1", tuple(logits.shape))
+        fail("logits", "a vocabulary dimension of size >= 1", tuple(logits.shape))
     vocab = logits.shape[-1]
     # only a non-unit vocab stride forces a copy; row strides stay as they are
     logits3d = logits.unsqueeze(0) if logits.dim() == 2 else logits
@@ -140,24 +199,24 @@ def build_linear_layout(
     """Validate the arguments of ``linear_sequence_logprobs``; rows are the hidden states."""
     hidden = _check_rows("hidden", hidden, cu_seqlens is not None, "H")
     features = hidden.shape[-1]
-    weight = _check_tensor("weight", weight)
+    weight = check_tensor("weight", weight)
     if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] != features:
-        _fail(
+        fail(
             "weight",
             f"shape [V, {features}] with V >= 1 (H = hidden.shape[-1])",
             tuple(weight.shape),
         )
     if weight.dtype != hidden.dtype:
-        _fail("weight", f"dtype {hidden.dtype} (the dtype of hidden)", weight.dtype)
+        fail("weight", f"dtype {hidden.dtype} (the dtype of hidden)", weight.dtype)
     if weight.device != hidden.device:
-        _fail("weight", f"device {hidden.device} (the device of hidden)", weight.device)
+        fail("weight", f"device {hidden.device} (the device of hidden)", weight.device)
     vocab = weight.shape[0]
     if bias is not None:
-        bias = _check_tensor("bias", bias)
+        bias = check_tensor("bias", bias)
         if tuple(bias.shape) != (vocab,):
-            _fail("bias", f"shape ({vocab},) (weight.shape[0]) or None", tuple(bias.shape))
+            fail("bias", f"shape ({vocab},) (weight.shape[0]) or None", tuple(bias.shape))
         if bias.dtype != hidden.dtype or bias.device != hidden.device:
-            _fail(
+            fail(
                 "bias",
                 f"dtype {hidden.dtype} on {hidden.device} (those of hidden)",
                 f"{bias.dtype} on {bias.device}",
@@ -187,57 +246,49 @@ def _row_layout(
     labels = _check_companion("labels", labels, rows, rows_name, "labels")
     if mask is not None:
         mask = _check_companion("mask", mask, rows, rows_name, "mask")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        _fail("ignore_index", "an int", type(ignore_index).__name__)
-    if not isinstance(shift, bool):
-        _fail("shift", "a bool", type(shift).__name__)
+    check_int("ignore_index", ignore_index)
+    check_bool("shift", shift)
 
-    batch, steps = rows3d.shape[0], rows3d.shape[1]
-    n_rows = batch * steps
+    batch, seq_len = rows3d.shape[0], rows3d.shape[1]
     device = rows3d.device
-
-    if cu_seqlens is not None:
-        bounds = _check_cu_seqlens(cu_seqlens, n_rows, device, rows_name)
-        lengths = bounds[1:] - bounds[:-1]
+    packed = cu_seqlens is not None
+    if packed:
+        bounds = _check_cu_seqlens(cu_seqlens, device, rows_name)
     else:
-        bounds = torch.arange(batch + 1, device=device, dtype=torch.int64) * steps
-        lengths = torch.full((batch,), steps, device=device, dtype=torch.int64)
-    n_seq = bounds.numel() - 1
-    segment_ids = torch.repeat_interleave(
-        torch.arange(n_seq, device=device), lengths, output_size=n_rows
+        bounds = torch.arange(batch + 1, device=device, dtype=torch.int64) * seq_len
+    targets = torch.ops.lenalign.row_targets(
+        labels, mask, bounds, ignore_index, vocab, shift, packed
     )
-
-    flat_labels = labels.reshape(n_rows).to(torch.int64)
-    counted = flat_labels != ignore_index
-    if mask is not None:
-        counted &= mask.reshape(n_rows).to(torch.bool)
-    if shift:
-        # the first position of every segment has no previous row to be scored by
-        segment_start = torch.zeros(n_rows, dtype=torch.bool, device=device)
-        segment_start[bounds[:-1][lengths > 0]] = True
-        counted &= ~segment_start
-
-    out_of_range = counted & ((flat_labels < 0) | (flat_labels >= vocab))
-    if bool(out_of_range.any()):
-        position = int(torch.nonzero(out_of_range)[0, 0])
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(position), labels.shape))
-        _fail(
-            "labels",
-            f"values in [0, {vocab}) at counted positions (or ignore_index={ignore_index})",
-            f"{int(flat_labels[position])} at position {index}",
-        )
-
-    targets = torch.where(counted, flat_labels, torch.full_like(flat_labels, -1))
-    if shift and n_rows > 0:
-        targets = torch.cat([targets[1:], targets.new_full((1,), -1)])
     return RowLayout(
         rows3d=rows3d,
         targets=targets,
         cu_seqlens=bounds,
-        segment_ids=segment_ids,
         shift=int(shift),
         label_shape=labels.shape,
     )
+
+
+def overlaps_itself(tensor: torch.Tensor) -> bool:
+    """Whether two elements of ``tensor`` may share memory (an expanded dimension, or
+    strides that step back into earlier elements), read from its sizes and strides.
+
+    With the dimensions of size > 1 sorted by stride, the layout is free of overlap when
+    each stride exceeds the span of all smaller-stride dimensions, sum (size - 1) * stride;
+    that holds for every slice or permutation of a dense tensor.
+    """
+    span = 0
+    for size, stride in sorted(
+        (
+            (size, stride)
+            for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+            if size > 1
+        ),
+        key=lambda pair: pair[1],
+    ):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
 
 
 def rows_to_labels(row_values: torch.Tensor, shift: int) -> torch.Tensor:

@@ -11,14 +11,14 @@ published recipe uses and typical beta ranges are in docs/losses.md.
 
 from __future__ import annotations
 
-import math
 from numbers import Real
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn.functional import logsigmoid
 
 from .api import linear_sequence_logprobs, sequence_logprobs
+from .checks import check_choice, fail, finite_real
 from .layout import INTEGER_DTYPES
 from .outputs import SequenceLogProbs
 
@@ -58,47 +58,27 @@ class PreferenceLossOutput(NamedTuple):
     rejected_lengths: torch.Tensor
 
 
-def _fail(argument: str, expected: str, got: object) -> NoReturn:
-    raise ValueError(f"{argument}: expected {expected}, got {got}")
-
-
-def _finite_real(argument: str, value: object) -> float:
-    # bool is an int subclass, and True as a hyperparameter is almost surely a slip
-    if isinstance(value, bool) or not isinstance(value, Real):
-        _fail(argument, "a real number", type(value).__name__)
-    number = float(value)
-    if not math.isfinite(number):
-        _fail(argument, "a finite number", number)
-    return number
-
-
 def _length_exponent(length_normalization: object) -> float:
     """lambda of the score s(y) = sum / count**lambda from the user's argument."""
     expected = "'sum', 'mean' or a number lambda in [0, 1]"
     if isinstance(length_normalization, str):
         if length_normalization not in NAMED_EXPONENTS:
-            _fail("length_normalization", expected, repr(length_normalization))
+            fail("length_normalization", expected, repr(length_normalization))
         return NAMED_EXPONENTS[length_normalization]
     if isinstance(length_normalization, bool) or not isinstance(length_normalization, Real):
-        _fail("length_normalization", expected, type(length_normalization).__name__)
+        fail("length_normalization", expected, type(length_normalization).__name__)
     exponent = float(length_normalization)
     # written so that NaN fails too
     if not 0.0 <= exponent <= 1.0:
-        _fail("length_normalization", expected, exponent)
+        fail("length_normalization", expected, exponent)
     return exponent
-
-
-def _check_loss_type(loss_type: object) -> str:
-    if loss_type not in LOSS_TYPES:
-        _fail("loss_type", f"one of {LOSS_TYPES}", repr(loss_type))
-    return loss_type
 
 
 def _check_reference_presence(loss_type: str, argument: str, reference: object) -> None:
     if loss_type in REFERENCE_LOSS_TYPES and reference is None:
-        _fail(argument, f"the reference log-probs that loss_type={loss_type!r} needs", None)
+        fail(argument, f"the reference log-probs that loss_type={loss_type!r} needs", None)
     if loss_type not in REFERENCE_LOSS_TYPES and reference is not None:
-        _fail(
+        fail(
             argument,
             f"None (loss_type={loss_type!r} is reference-free and would ignore a reference)",
             f"a {type(reference).__name__}",
@@ -107,21 +87,21 @@ def _check_reference_presence(loss_type: str, argument: str, reference: object) 
 
 def _check_logps(argument: str, logps: object) -> SequenceLogProbs:
     if not isinstance(logps, SequenceLogProbs):
-        _fail(argument, "a SequenceLogProbs", type(logps).__name__)
+        fail(argument, "a SequenceLogProbs", type(logps).__name__)
     total, count = logps.sum, logps.count
     if not isinstance(total, torch.Tensor):
-        _fail(f"{argument}.sum", "a tensor", type(total).__name__)
+        fail(f"{argument}.sum", "a tensor", type(total).__name__)
     if not total.is_floating_point() or total.dim() != 1:
         got = f"shape {tuple(total.shape)} and dtype {total.dtype}"
-        _fail(f"{argument}.sum", "a 1-D floating-point tensor [B]", got)
+        fail(f"{argument}.sum", "a 1-D floating-point tensor [B]", got)
     if not isinstance(count, torch.Tensor):
-        _fail(f"{argument}.count", "a tensor", type(count).__name__)
+        fail(f"{argument}.count", "a tensor", type(count).__name__)
     if count.dtype not in INTEGER_DTYPES:
-        _fail(f"{argument}.count", "an integer dtype", count.dtype)
+        fail(f"{argument}.count", "an integer dtype", count.dtype)
     if count.shape != total.shape:
-        _fail(f"{argument}.count", f"shape {tuple(total.shape)} (as .sum)", tuple(count.shape))
+        fail(f"{argument}.count", f"shape {tuple(total.shape)} (as .sum)", tuple(count.shape))
     if count.device != total.device:
-        _fail(f"{argument}.count", f"device {total.device} (as .sum)", count.device)
+        fail(f"{argument}.count", f"device {total.device} (as .sum)", count.device)
     return logps
 
 
@@ -130,12 +110,12 @@ def _check_pairs(named_logps: dict[str, SequenceLogProbs]) -> None:
     (first_name, first), *others = named_logps.items()
     n_pairs, device = first.sum.shape[0], first.sum.device
     if n_pairs == 0:
-        _fail(first_name, "at least one sequence (one pair)", "0 sequences")
+        fail(first_name, "at least one sequence (one pair)", "0 sequences")
     for name, logps in others:
         if logps.sum.shape[0] != n_pairs:
-            _fail(name, f"{n_pairs} sequences (as {first_name})", logps.sum.shape[0])
+            fail(name, f"{n_pairs} sequences (as {first_name})", logps.sum.shape[0])
         if logps.sum.device != device:
-            _fail(name, f"tensors on {device} (as {first_name})", logps.sum.device)
+            fail(name, f"tensors on {device} (as {first_name})", logps.sum.device)
 
 
 def _score_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -192,22 +172,22 @@ def _check_hyperparameters(
     label_smoothing: object,
     sft_weight: object,
 ) -> tuple[float, float, float, float, float]:
-    beta = _finite_real("beta", beta)
+    beta = finite_real("beta", beta)
     if beta <= 0:
-        _fail("beta", "a number > 0", beta)
-    gamma = _finite_real("gamma", gamma)
-    alpha = _finite_real("alpha", alpha)
-    label_smoothing = _finite_real("label_smoothing", label_smoothing)
+        fail("beta", "a number > 0", beta)
+    gamma = finite_real("gamma", gamma)
+    alpha = finite_real("alpha", alpha)
+    label_smoothing = finite_real("label_smoothing", label_smoothing)
     # a flip probability above 1/2 would mean the labels are more wrong than right
     if not 0.0 <= label_smoothing <= 0.5:
-        _fail("label_smoothing", "a probability in [0, 0.5]", label_smoothing)
-    sft_weight = _finite_real("sft_weight", sft_weight)
+        fail("label_smoothing", "a probability in [0, 0.5]", label_smoothing)
+    sft_weight = finite_real("sft_weight", sft_weight)
     if sft_weight < 0:
-        _fail("sft_weight", "a number >= 0", sft_weight)
+        fail("sft_weight", "a number >= 0", sft_weight)
     values = {"gamma": gamma, "alpha": alpha, "label_smoothing": label_smoothing}
     for argument, owner in HYPERPARAMETER_OWNERS.items():
         if values[argument] != 0.0 and loss_type != owner:
-            _fail(
+            fail(
                 argument,
                 f"0 with loss_type={loss_type!r} (it is used by loss_type={owner!r} only)",
                 values[argument],
@@ -272,7 +252,7 @@ def preference_loss(
             beta <= 0, a hyperparameter the loss_type does not use set to non-zero, a
             missing or superfluous reference, or log-probs of mismatched sizes or devices.
     """
-    loss_type = _check_loss_type(loss_type)
+    loss_type = check_choice("loss_type", loss_type, LOSS_TYPES)
     exponent = _length_exponent(length_normalization)
     beta, gamma, alpha, label_smoothing, sft_weight = _check_hyperparameters(
         loss_type, beta, gamma, alpha, label_smoothing, sft_weight
@@ -453,18 +433,18 @@ def _check_pair_batch(
     """Check a [2B, T, .] batch in TRL's layout and its reference, before any kernel runs."""
     if not isinstance(rows, torch.Tensor) or rows.dim() != 3:
         got = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
-        _fail(argument, f"a [2B, T, {feature}] tensor (B chosen rows, then B rejected rows)", got)
+        fail(argument, f"a [2B, T, {feature}] tensor (B chosen rows, then B rejected rows)", got)
     n_rows = rows.shape[0]
     if n_rows % 2 != 0:
-        _fail(argument, "an even number of rows (B chosen, then B rejected)", n_rows)
-    loss_type = _check_loss_type(loss_type)
+        fail(argument, "an even number of rows (B chosen, then B rejected)", n_rows)
+    loss_type = check_choice("loss_type", loss_type, LOSS_TYPES)
     _check_reference_presence(loss_type, "ref_logps", ref_logps)
     if ref_logps is not None:
         ref_logps = _check_logps("ref_logps", ref_logps)
         if ref_logps.sum.shape[0] != n_rows:
-            _fail("ref_logps", f"{n_rows} sequences ({argument}.shape[0])", ref_logps.sum.shape[0])
+            fail("ref_logps", f"{n_rows} sequences ({argument}.shape[0])", ref_logps.sum.shape[0])
         if ref_logps.sum.device != rows.device:
-            _fail(
+            fail(
                 "ref_logps",
                 f"tensors on {rows.device} (the device of {argument})",
                 ref_logps.sum.device,

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .function import accumulate_dtype
-from .layout import build_layout, rows_to_labels
+from .layout import accumulate_dtype, build_layout, rows_to_labels, segment_ids
 from .outputs import SequenceLogProbs
 
 
@@ -39,11 +38,12 @@ def reference_sequence_logprobs(
     picked = log_probs.gather(1, layout.targets.clamp(min=0)[:, None]).squeeze(1)
     row_logprob = torch.where(counted, picked, torch.zeros_like(picked))
     n_seq = layout.cu_seqlens.numel() - 1
+    segment = segment_ids(layout.cu_seqlens, layout.targets.numel())
     seq_sum = torch.zeros(n_seq, dtype=compute_dtype, device=logits.device).index_add(
-        0, layout.segment_ids, row_logprob
+        0, segment, row_logprob
     )
     seq_count = torch.zeros(n_seq, dtype=torch.int64, device=logits.device).index_add(
-        0, layout.segment_ids, counted.to(torch.int64)
+        0, segment, counted.to(torch.int64)
     )
     seq_mean = torch.where(seq_count > 0, seq_sum / seq_count.clamp(min=1), 0.0)
     token_logprobs = rows_to_labels(row_logprob, layout.shift).reshape(layout.label_shape)

@@ -20,9 +20,9 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def _row_runs(
-    targets: torch.Tensor, steps: int, vocab: int
+    targets: torch.Tensor, seq_len: int, vocab: int
 ) -> Iterator[tuple[bool, int, int, int, slice]]:
-    """Yield (counted, batch, first step, last step + 1, flat rows) over all N rows.
+    """Yield (counted, batch, first position, last position + 1, flat rows) over all N rows.
 
     Runs are maximal stretches of rows of one batch entry that are all counted or all
     not, cut into chunks of at most CHUNK_ELEMENTS logits.
@@ -33,14 +33,14 @@ def _row_runs(
     counted = (targets >= 0).cpu()
     boundary = torch.ones(n_rows, dtype=torch.bool)
     boundary[1:] = counted[1:] != counted[:-1]
-    boundary[::steps] = True  # a run never crosses into the next batch entry
+    boundary[::seq_len] = True  # a run never crosses into the next batch entry
     starts = torch.nonzero(boundary).flatten().tolist()
     chunk_rows = max(1, CHUNK_ELEMENTS // max(vocab, 1))
     for start, end in zip(starts, [*starts[1:], n_rows], strict=True):
-        batch, first_step = divmod(start, steps)
-        for chunk_start in range(first_step, first_step + end - start, chunk_rows):
-            chunk_end = min(chunk_start + chunk_rows, first_step + end - start)
-            rows = slice(batch * steps + chunk_start, batch * steps + chunk_end)
+        batch, first_position = divmod(start, seq_len)
+        for chunk_start in range(first_position, first_position + end - start, chunk_rows):
+            chunk_end = min(chunk_start + chunk_rows, first_position + end - start)
+            rows = slice(batch * seq_len + chunk_start, batch * seq_len + chunk_end)
             yield bool(counted[start]), batch, chunk_start, chunk_end, rows
 
 
@@ -51,12 +51,12 @@ def row_logprob_forward(
 
     The logsumexp is kept as row_max + log_sum, as in kernels/forward.py, for precision.
     """
-    batch_size, steps, vocab = logits3d.shape
-    n_rows = batch_size * steps
+    batch_size, seq_len, vocab = logits3d.shape
+    n_rows = batch_size * seq_len
     logprob = torch.zeros(n_rows, dtype=acc, device=logits3d.device)
     row_max = torch.zeros(n_rows, dtype=acc, device=logits3d.device)
     log_sum = torch.zeros(n_rows, dtype=acc, device=logits3d.device)
-    for counted, batch, first, last, rows in _row_runs(targets, steps, vocab):
+    for counted, batch, first, last, rows in _row_runs(targets, seq_len, vocab):
         if not counted:
             continue
         z = logits3d[batch, first:last].to(acc)
@@ -87,8 +87,8 @@ def row_logprob_backward(
     the one rounding to the gradient's dtype.
     """
     acc = log_sum.dtype
-    steps, vocab = logits3d.shape[1], logits3d.shape[2]
-    for counted, batch, first, last, rows in _row_runs(targets, steps, vocab):
+    seq_len, vocab = logits3d.shape[1], logits3d.shape[2]
+    for counted, batch, first, last, rows in _row_runs(targets, seq_len, vocab):
         out = grad[batch, first:last]
         if not counted:
             out.zero_()

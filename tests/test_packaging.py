@@ -41,6 +41,12 @@ def test_wheel_ships_lenalign_kernels_and_imports(tmp_path):
     assert "lenalign/kernels/forward.py" in names
     assert "lenalign/kernels/backward.py" in names
     assert not any(name.startswith("kernels/") for name in names)
+    # every wing ships, and so does the marker that makes type checkers read the hints
+    for wing in ("integrations", "train", "study", "bench"):
+        assert f"lenalign/{wing}/__init__.py" in names
+    assert "lenalign/py.typed" in names
+    (metadata,) = (name for name in names if name.endswith(".dist-info/METADATA"))
+    assert "License-Expression: MIT" in zipfile.ZipFile(wheel).read(metadata).decode()
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     # an isolated interpreter that finds lenalign in the unpacked wheel before this checkout

@@ -7,12 +7,12 @@ real compiler, as far as machine code, for a chosen GPU architecture, with nothi
 Triton's own tool chain (ptxas and cuobjdump ship in its wheel): no driver, no GPU.
 
 Each launch is the one the host code makes: the launchers of ``lenalign.kernels`` are
-called on small CPU tensors of the case's dtype and vocabulary with the kernels' ``run``
-replaced by a recorder, and each recorded launch is specialized as Triton's JIT would
-(pointers 16-byte aligned and integers divisible by 16 marked so, integers equal to 1
-made constants). The report gives, per kernel and case, the registers per thread, the
-bytes spilled to local memory, its global loads by width and the barriers in its machine
-code.
+called on small CPU tensors of the case's dtype and vocabulary with Triton's
+``JITFunction.run`` replaced by a recorder, and each recorded launch is specialized as
+Triton's JIT would (pointers 16-byte aligned and integers divisible by 16 marked so,
+integers equal to 1 made constants). The report gives, per kernel and case, the
+registers per thread, the bytes spilled to local memory, its global loads by width and
+the barriers in its machine code.
 
 Needs the kernels compiled, not interpreted: run it with TRITON_INTERPRET unset.
 """
@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from lenalign.layout import accumulate_dtype
 
 ARCHITECTURES = {"sm80": 80, "sm90": 90}
 # per multiprocessor on both sm_80 (A100) and sm_90 (H100, H200)
@@ -97,20 +99,26 @@ def resident_warps(registers: int | None, num_warps: int) -> int | None:
 
 
 @contextlib.contextmanager
-def recording(kernels: list) -> Iterator[list[Launch]]:
-    """Replace each JIT kernel's ``run`` by a recorder for the duration of the block."""
+def recording() -> Iterator[list[Launch]]:
+    """Record, instead of running, every JIT kernel launched in the block.
+
+    ``kernel[grid](...)`` calls the kernel's ``run``; replacing it on the class catches
+    every kernel the launchers reach without naming the kernels, which are private to
+    ``lenalign.kernels``.
+    """
+    from triton.runtime.jit import JITFunction
+
     launches: list[Launch] = []
-    for kernel in kernels:
 
-        def record(*args, grid, warmup, _kernel=kernel, **kwargs):
-            launches.append(Launch(_kernel, args, kwargs))
+    def record(kernel, *args, grid, warmup, **kwargs):
+        launches.append(Launch(kernel, args, kwargs))
 
-        kernel.run = record
+    original = JITFunction.run
+    JITFunction.run = record
     try:
         yield launches
     finally:
-        for kernel in kernels:
-            del kernel.run
+        JITFunction.run = original
 
 
 def specialize(value: object) -> tuple[str, object | None, bool]:
@@ -220,9 +228,7 @@ def machine_code_figures(cubin: bytes, tool: str | None) -> dict[str, int | str 
 
 def case_launches(dtype: torch.dtype, vocab: int) -> list[Launch]:
     """Record the forward, backward and segment launches of one (dtype, vocab) case."""
-    from . import kernels
-    from .function import accumulate_dtype
-    from .kernels import backward, forward, segment
+    from lenalign import kernels
 
     acc = accumulate_dtype(dtype)
     # three rows in one sequence: T = 3 so that no stride or size is the constant 1
@@ -230,12 +236,7 @@ def case_launches(dtype: torch.dtype, vocab: int) -> list[Launch]:
     targets = torch.tensor([2, 1, -1])
     cu_seqlens = torch.tensor([0, 3])
     row_values = torch.empty(3, dtype=acc)
-    jit_kernels = [
-        forward._row_logprob_forward_kernel,
-        backward._row_logprob_backward_kernel,
-        segment._segment_reduce_kernel,
-    ]
-    with recording(jit_kernels) as launches:
+    with recording() as launches:
         kernels.row_logprob_forward(logits, targets, acc)
         kernels.row_logprob_backward(
             logits, targets, row_values, row_values, row_values, torch.empty_like(logits)
@@ -251,7 +252,7 @@ def build_report(dtypes: list[str], vocabularies: list[int], archs: list[str]) -
     reduction of every 16-bit and 32-bit case) are compiled once and listed once, with
     the cases they serve. Any compile failure propagates.
     """
-    from . import kernels
+    from lenalign import kernels
 
     if kernels.INTERPRETED:
         raise RuntimeError(

@@ -2,7 +2,7 @@
 
 Measures the per-sequence log-likelihoods of a preference batch (logits [B, T, V], a
 completion mask counting about half of the positions, shift=True), forward only and
-forward + backward, for every contender of ``lenalign.bench_contenders``; prints a table
+forward + backward, for every contender of ``lenalign.bench.contenders``; prints a table
 and writes JSON, Markdown and a PNG chart. With no arguments it runs the suite of the
 device it finds: bf16 with 4k and 16k tokens on a GPU, a quick fp32 pair of cases on CPU.
 
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-from .bench_case import MIN_REPEATS, CaseSpec, RunOptions, worker_main
-from .bench_contenders import CONTENDERS, MODES
-from .bench_report import format_table, write_chart, write_json, write_markdown
+from .case import MIN_REPEATS, RunOptions, worker_main
+from .contenders import CONTENDERS
+from .report import format_table, write_chart, write_json, write_markdown
+from .workload import MODES, CaseSpec
 
 VOCABULARIES = (32000, 128256, 151936, 262144)
 # the CPU target shape of the design: 2048 positions of a 128256-token vocabulary
@@ -184,7 +185,7 @@ def _exit_description(code: int | None) -> str:
 
 
 class Worker:
-    """A spawned process that runs cases one at a time (``bench_case.worker_main``)."""
+    """A spawned process that runs cases one at a time (``case.worker_main``)."""
 
     def __init__(self) -> None:
         # spawn, not fork: a fresh interpreter whose memory and CUDA state are its own

@@ -1,6 +1,6 @@
 """The outputs of ``lenalign bench``: console table, JSON, Markdown and a PNG chart.
 
-Everything here formats the report dict that ``lenalign.bench.main`` assembles from the
+Everything here formats the report dict that ``lenalign.bench.cli.main`` assembles from the
 cases' results; nothing is measured or estimated here.
 """
 

@@ -1,4 +1,5 @@
-"""Launch parameters chosen from the vocabulary size and the element size.
+"""Launch parameters: the block size and warps chosen from the vocabulary and element
+size, and the Triton accumulate dtype of a torch output dtype.
 
 A plain heuristic, not yet tuned on a GPU: each program streams one row in blocks of at
 most 16 KiB of logits, enough bytes in flight per warp to keep a row's loads overlapped,

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from lenalign.bench import main
+from lenalign.bench.cli import main
 
 WRONG_CONTENDER = """
 from lenalign import sequence_logprobs
-from lenalign.bench_contenders import Contender
+from lenalign.bench import Contender
 
 
 def _unshifted(workload):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lenalign.codegen import VOCABULARIES, resident_warps, specialize
+from lenalign.bench.codegen import VOCABULARIES, resident_warps, specialize
 
 KERNELS = {"row_logprob_forward_kernel", "row_logprob_backward_kernel", "segment_reduce_kernel"}
 # vocabularies whose rows start 16-byte aligned in every dtype: stride a multiple of 16

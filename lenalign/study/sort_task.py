@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 import random
 
-from .train_data import PreferencePair
+from ..checks import check_int, fail, finite_real
+from ..train import PreferencePair
 
 PROMPT_PREFIX = "sort: "
 FILLER = "."
@@ -107,12 +108,9 @@ def make_sort_pairs(n: int, seed: int, *, length_bias: float) -> list[Preference
     Raises:
         ValueError: for a negative ``n`` or a ``length_bias`` that is negative or not finite.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n: expected an integer >= 0, got {n!r}")
-    if isinstance(length_bias, bool) or not isinstance(length_bias, (int, float)):
-        raise ValueError(f"length_bias: expected a number >= 0, got {length_bias!r}")
-    if not (math.isfinite(length_bias) and length_bias >= 0):
-        raise ValueError(f"length_bias: expected a finite number >= 0, got {length_bias}")
+    check_int("n", n, minimum=0)
+    if finite_real("length_bias", length_bias) < 0:
+        fail("length_bias", "a finite number >= 0", length_bias)
     rng = random.Random(seed)
     # a stream of its own, so that prompts and rejected completions do not depend on the bias
     filler_rng = random.Random(f"filler {seed}")

@@ -1,6 +1,6 @@
 """The length study's figure: generation length against task score, one point per run.
 
-``lenalign study`` draws it after a study; ``python -m lenalign.study_plot RESULTS_JSON
+``lenalign study`` draws it after a study; ``python -m lenalign.study.plot RESULTS_JSON
 [PNG]`` draws it again from a results.json (next to it, by default), for instance after
 editing the style here.
 """
@@ -205,18 +205,18 @@ def _align(dx: float) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m lenalign.study_plot RESULTS_JSON [PNG]``; 2 on bad input."""
+    """``python -m lenalign.study.plot RESULTS_JSON [PNG]``; 2 on bad input."""
     if not 1 <= len(argv) <= 2:
-        print("usage: python -m lenalign.study_plot RESULTS_JSON [PNG]", file=sys.stderr)
+        print("usage: python -m lenalign.study.plot RESULTS_JSON [PNG]", file=sys.stderr)
         return 2
     source = Path(argv[0])
     if not source.is_file():
-        print(f"study_plot: error: results: no such file {source}", file=sys.stderr)
+        print(f"lenalign.study.plot: error: results: no such file {source}", file=sys.stderr)
         return 2
     target = Path(argv[1]) if len(argv) == 2 else source.with_name(DEFAULT_FIGURE)
     reason = plot_study(json.loads(source.read_text()), target)
     if reason is not None:
-        print(f"study_plot: error: {reason}", file=sys.stderr)
+        print(f"lenalign.study.plot: error: {reason}", file=sys.stderr)
         return 2
     print(target)
     return 0

@@ -12,26 +12,19 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from .api import sequence_logprobs
-from .backends import triton_runs_on
-from .reference import reference_sequence_logprobs
+from lenalign import reference_sequence_logprobs, sequence_logprobs
+from lenalign.backends import triton_runs_on
+from lenalign.checks import fail
 
-if TYPE_CHECKING:
-    from .bench_case import Workload
+from .workload import FORWARD_BACKWARD, MODES, SequenceFn, Workload
 
-FORWARD = "forward"
-FORWARD_BACKWARD = "forward+backward"
-MODES = (FORWARD, FORWARD_BACKWARD)
 # the label value the third-party contenders are told to ignore
 IGNORE_INDEX = -100
 # the distributions of the third-party contenders, whose versions each run records
 CONTENDER_DISTRIBUTIONS = ("liger-kernel", "trl")
-
-SequenceFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -238,10 +231,8 @@ def load_extra_contender(spec: str) -> Contender:
     """Import ``module:attribute`` naming a :class:`Contender` (a hook for testing the harness)."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise ValueError(f"--extra-contender: expected MODULE:ATTRIBUTE, got {spec!r}")
+        fail("--extra-contender", "MODULE:ATTRIBUTE", repr(spec))
     contender = getattr(importlib.import_module(module_name), attribute)
     if not isinstance(contender, Contender):
-        raise ValueError(
-            f"--extra-contender: {spec} is a {type(contender).__name__}, not a Contender"
-        )
+        fail("--extra-contender", "a Contender", f"{spec}, a {type(contender).__name__}")
     return contender

@@ -1,11 +1,12 @@
-"""One benchmark case: its inputs, the eager reference, the checks and the measurements.
+"""One benchmark case: the eager reference, the checks and the measurements.
 
-A case is one logits shape and dtype on one device. ``run_case`` builds the preference
-batch, computes the eager reference, then for each mode and contender: runs it once and
-checks sum, mean and (with backward) the logits gradient against the reference, and only
-if they agree measures its peak memory above the inputs and its median time. It runs in
-the worker process that ``lenalign bench`` starts, so that the host memory it reads is
-this process's alone; the pytest-benchmark suite reuses the same pieces.
+A case is one logits shape and dtype on one device (``workload.CaseSpec``). ``run_case``
+builds the preference batch, computes the eager reference, then for each mode and
+contender: runs it once and checks sum, mean and (with backward) the logits gradient
+against the reference, and only if they agree measures its peak memory above the inputs
+and its median time. It runs in the worker process that ``lenalign bench`` starts
+(``worker_main``), so that the host memory it reads is this process's alone; the
+pytest-benchmark suite reuses the same pieces.
 """
 
 from __future__ import annotations
@@ -13,55 +14,35 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import importlib.metadata
 import logging
 import math
-import os
-import platform
 import signal
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 
 import torch
 
-from .bench_contenders import (
-    CONTENDER_DISTRIBUTIONS,
-    CONTENDERS,
-    FORWARD,
-    Contender,
-    SequenceFn,
-    load_extra_contender,
-)
-from .reference import reference_sequence_logprobs
+from lenalign import reference_sequence_logprobs
 
-MiB = 1 << 20
+from .contenders import CONTENDERS, Contender, load_extra_contender
+from .machine import machine_description
+from .probes import (
+    Clock,
+    CudaPeakMemory,
+    HostPeakMemory,
+    OtherCpuUse,
+    copy_bandwidth,
+    peak_memory_probe,
+    synchronize,
+)
+from .workload import FORWARD, CaseSpec, SequenceFn, StepOutput, Workload, make_workload
+
 # rows compared at a time: two 64 MiB float32 buffers whatever the logits' size
 COMPARE_CHUNK_ELEMENTS = 1 << 24
-# bigger than any GPU's L2, so a zero_() of it evicts the previous call's data
-CACHE_FLUSH_BYTES = 256 * MiB
-
-# (sum, mean, logits gradient or None)
-StepOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-
-
-@dataclass(frozen=True)
-class CaseSpec:
-    """The shape, dtype and device of one case; picklable, so it can go to the worker."""
-
-    batch: int
-    steps: int
-    vocab: int
-    dtype: str
-    device: str
-    seed: int = 0
-
-    @property
-    def label(self) -> str:
-        return f"{self.batch}x{self.steps}x{self.vocab} {self.dtype}"
 
 
 @dataclass(frozen=True)
@@ -104,64 +85,6 @@ def tolerances(dtype: torch.dtype) -> dict[str, Tolerance]:
     outputs = Tolerance(rtol=1e-4, atol=1e-4) if wide else Tolerance(rtol=1e-3, atol=1e-3)
     grad = Tolerance(rtol=1e-4, atol=1e-6) if wide else Tolerance(rtol=1.6e-2, atol=1e-5)
     return {"sum": outputs, "mean": outputs, "grad": grad}
-
-
-@dataclass
-class Workload:
-    """The preference batch of a case, shared by all contenders.
-
-    ``logits`` is a leaf that requires grad; ``labels`` are valid tokens everywhere and
-    ``mask`` marks one completion span per sequence, about half of the positions. The
-    backward differentiates ``sum(weight_sum * seq_sum + weight_mean * seq_mean)`` so that
-    a contender's gradients of both outputs, per sequence, are checked.
-    """
-
-    spec: CaseSpec
-    logits: torch.Tensor
-    labels: torch.Tensor
-    mask: torch.Tensor
-    weight_sum: torch.Tensor
-    weight_mean: torch.Tensor
-    counted_rows: int
-    pristine: torch.Tensor | None = field(default=None, repr=False)
-
-    def keep_pristine(self) -> None:
-        """Copy the logits to the host once, before a call that may overwrite them."""
-        if self.pristine is None:
-            self.pristine = self.logits.detach().to("cpu", copy=True)
-
-    def restore(self) -> None:
-        """Put the original logits back after a contender that wrote into them."""
-        if self.pristine is not None:
-            with torch.no_grad():
-                self.logits.copy_(self.pristine)
-
-
-def make_workload(spec: CaseSpec) -> Workload:
-    """Random logits, labels and a completion mask counting about half of the positions."""
-    device = torch.device(spec.device)
-    dtype = getattr(torch, spec.dtype)
-    batch, steps, vocab = spec.batch, spec.steps, spec.vocab
-    generator = torch.Generator(device=device).manual_seed(spec.seed)
-    logits = torch.randn((batch, steps, vocab), generator=generator, device=device, dtype=dtype)
-    labels = torch.randint(0, vocab, (batch, steps), generator=generator, device=device)
-    # a prompt, a completion of 40 to 60% of the steps, then padding; the completion never
-    # starts at position 0, which the causal shift cannot score
-    host = torch.Generator().manual_seed(spec.seed)
-    lengths = (steps * (0.4 + 0.2 * torch.rand(batch, generator=host))).long().clamp(1, steps - 1)
-    starts = (torch.rand(batch, generator=host) * (steps - lengths)).long() + 1
-    positions = torch.arange(steps)
-    mask = (positions >= starts[:, None]) & (positions < (starts + lengths)[:, None])
-    weights = 0.5 + torch.rand(2, batch, generator=host)
-    return Workload(
-        spec=spec,
-        logits=logits.requires_grad_(True),
-        labels=labels,
-        mask=mask.to(device),
-        weight_sum=weights[0].to(device),
-        weight_mean=weights[1].to(device),
-        counted_rows=int(mask.sum()),
-    )
 
 
 @dataclass
@@ -271,154 +194,6 @@ def check(
     return ratios, ("wrong result: " + "; ".join(wrong)) if wrong else None
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CPU work is already done when a call returns)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Clock:
-    """Times one call: CUDA events after an L2 flush on a GPU, the wall clock on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._flush = (
-            torch.empty(CACHE_FLUSH_BYTES, dtype=torch.uint8, device=device)
-            if device.type == "cuda"
-            else None
-        )
-
-    def time(self, call: Callable[[], object]) -> float:
-        """Seconds that ``call`` took; its result is freed only after the clock stops."""
-        if self._flush is not None:
-            self._flush.zero_()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = call()
-            end.record()
-            end.synchronize()
-            del result
-            return start.elapsed_time(end) / 1e3
-        started = time.perf_counter()
-        result = call()
-        elapsed = time.perf_counter() - started
-        del result
-        return elapsed
-
-
-def copy_bandwidth(device: torch.device, clock: Clock) -> float:
-    """Bytes per second (read + write) of a large copy on the device, the bandwidth yardstick."""
-    nbytes = (1 << 30) if device.type == "cuda" else (1 << 28)
-    source = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    target.copy_(source)
-    synchronize(device)
-    seconds = statistics.median(clock.time(lambda: target.copy_(source)) for _ in range(7))
-    return 2 * nbytes / seconds
-
-
-class HostPeakMemory:
-    """Peak resident memory of this process above its level at ``start()`` (Linux).
-
-    PyTorch's CPU allocations bypass any allocator statistics, so the kernel's own count
-    is read: writing 5 to /proc/self/clear_refs resets the high-water mark VmHWM to the
-    current resident size, after malloc_trim has handed freed heap pages back, so that the
-    baseline holds live data only and memory reused from earlier calls is seen again.
-    """
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        try:
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")
-        except OSError as error:
-            self.reason = f"cannot reset the peak resident size ({error}); needs Linux"
-        libc_name = ctypes.util.find_library("c")
-        libc = ctypes.CDLL(libc_name) if libc_name else None
-        self._malloc_trim = getattr(libc, "malloc_trim", None)
-        self._base = 0
-
-    @staticmethod
-    def _status_bytes(key: str) -> int:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{key} missing from /proc/self/status")
-
-    def start(self) -> None:
-        gc.collect()
-        if self._malloc_trim is not None:
-            self._malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        self._base = self._status_bytes("VmRSS")
-
-    def stop(self) -> int:
-        return self._status_bytes("VmHWM") - self._base
-
-
-class CudaPeakMemory:
-    """Peak bytes allocated through PyTorch's CUDA allocator above the level at ``start()``."""
-
-    reason: str | None = None
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._base = 0
-
-    def start(self) -> None:
-        gc.collect()
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._base = torch.cuda.memory_allocated(self.device)
-
-    def stop(self) -> int:
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.max_memory_allocated(self.device) - self._base
-
-
-def peak_memory_probe(device: torch.device) -> HostPeakMemory | CudaPeakMemory:
-    """The peak-memory measure of the device: allocator statistics on CUDA, else the host's."""
-    return CudaPeakMemory(device) if device.type == "cuda" else HostPeakMemory()
-
-
-class OtherCpuUse:
-    """CPU time that other processes used during a measurement, in cores (Linux).
-
-    Timings on a shared machine are only as good as its quiet: when another process takes
-    one of two cores, PyTorch's parallel regions wait for it, and a call can take many
-    times as long. The busy time of all CPUs (/proc/stat) minus this process's own, over
-    the elapsed time, says how much of the machine others took meanwhile.
-    """
-
-    def __init__(self) -> None:
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._start: tuple[float, float, float] | None = None
-
-    def _sample(self) -> tuple[float, float, float] | None:
-        try:
-            with open("/proc/stat") as stat:
-                fields = [int(value) for value in stat.readline().split()[1:9]]
-        except (OSError, ValueError):
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-        busy = (user + nice + system + irq + softirq + steal) / self._tick
-        own = os.times()
-        return busy, own.user + own.system, time.perf_counter()
-
-    def start(self) -> None:
-        self._start = self._sample()
-
-    def stop(self) -> float | None:
-        end = self._sample()
-        if self._start is None or end is None or end[2] <= self._start[2]:
-            return None
-        busy, own, wall = (b - a for a, b in zip(self._start, end, strict=True))
-        return max(0.0, (busy - own) / wall)
-
-
 def _out_of_memory(error: BaseException) -> bool:
     # the CPU allocator reports exhaustion as a plain RuntimeError
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
@@ -512,44 +287,6 @@ def add_derived(case: dict) -> None:
             if base and peak is not None and base.get("peak_bytes")
             else None
         )
-
-
-def machine_description(device: torch.device) -> dict:
-    """The device and software the figures come from."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as cpuinfo:
-                models = [line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line]
-            name = models[0] if models else name
-        except OSError:
-            pass
-        name = f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    return {
-        "device": device.type,
-        "name": name,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        # what a third-party contender runs depends on its version (TRL's, for one)
-        "packages": {dist: _installed_version(dist) for dist in CONTENDER_DISTRIBUTIONS},
-    }
-
-
-def _installed_version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def resolve_contenders(options: RunOptions) -> list[Contender]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import random
 import string
 
-from .train_data import PreferencePair
+from ..checks import check_choice, check_int, fail
+from .data import PreferencePair
 
 INSTRUCTIONS = ("upper", "lower")
 MIN_WORD_LENGTH = 3
@@ -24,8 +25,7 @@ MAX_WORD_LENGTH = 8
 
 def case_task_prompt(instruction: str, word: str) -> str:
     """The prompt that asks for ``word`` in the case named by ``instruction``."""
-    if instruction not in INSTRUCTIONS:
-        raise ValueError(f"instruction: expected one of {INSTRUCTIONS}, got {instruction!r}")
+    check_choice("instruction", instruction, INSTRUCTIONS)
     return f"{instruction}: {word}\n"
 
 
@@ -65,13 +65,10 @@ def make_case_pairs(
     letters. A longer list from the same seed starts with the shorter one, so held-out
     pairs can be taken from the end of one draw.
     """
-    if n < 0:
-        raise ValueError(f"n: expected a count >= 0, got {n}")
+    check_int("n", n, minimum=0)
     if not 1 <= min_word_length <= max_word_length:
-        raise ValueError(
-            "min_word_length, max_word_length: expected 1 <= min <= max, got "
-            f"{min_word_length}, {max_word_length}"
-        )
+        got = f"{min_word_length}, {max_word_length}"
+        fail("min_word_length, max_word_length", "1 <= min <= max", got)
     rng = random.Random(seed)
     pairs = []
     for _ in range(n):

@@ -1,0 +1,68 @@
+"""The one family of argument checks that every part of lenalign uses.
+
+Every failure is a ValueError of one form, ``"<argument>: expected <what>, got <what
+came>"``, so that a user reads which argument was wrong and what it should have been,
+whichever wing raised it. ``bool`` is refused wherever a number is expected: it is an
+``int`` subclass, and ``True`` as a count or a scale is a slip, not a 1.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import NoReturn
+
+import torch
+
+
+def fail(argument: str, expected: str, got: object) -> NoReturn:
+    """Raise the package's ValueError for ``argument``."""
+    raise ValueError(f"{argument}: expected {expected}, got {got}")
+
+
+def check_tensor(argument: str, value: object) -> torch.Tensor:
+    """``value`` itself if it is a tensor."""
+    if not isinstance(value, torch.Tensor):
+        fail(argument, "a torch.Tensor", type(value).__name__)
+    return value
+
+
+def check_bool(argument: str, value: object) -> bool:
+    """``value`` itself if it is a bool (not merely truthy)."""
+    if not isinstance(value, bool):
+        fail(argument, "a bool", type(value).__name__)
+    return value
+
+
+def check_int(argument: str, value: object, minimum: int | None = None) -> int:
+    """``value`` itself if it is an int (not a bool), at least ``minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        fail(argument, "an integer", repr(value))
+    if minimum is not None and value < minimum:
+        fail(argument, f"an integer >= {minimum}", value)
+    return value
+
+
+def finite_real(argument: str, value: object) -> float:
+    """``value`` as a float if it is a finite real number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        fail(argument, "a real number", type(value).__name__)
+    number = float(value)
+    if not math.isfinite(number):
+        fail(argument, "a finite number", number)
+    return number
+
+
+def positive_finite(argument: str, value: object) -> float:
+    """``value`` as a float if it is a finite number > 0 (not a bool)."""
+    is_number = isinstance(value, Real) and not isinstance(value, bool)
+    if not (is_number and math.isfinite(value) and value > 0):
+        fail(argument, "a finite number > 0", repr(value))
+    return float(value)
+
+
+def check_choice(argument: str, value: object, choices: tuple) -> object:
+    """``value`` itself if it is one of ``choices``."""
+    if value not in choices:
+        fail(argument, f"one of {choices}", repr(value))
+    return value

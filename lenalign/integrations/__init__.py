@@ -1,0 +1,30 @@
+"""Adapters between lenalign's ops and other libraries' models and trainers.
+
+The core (``lenalign.sequence_logprobs`` and the losses) takes tensors; this wing turns
+another library's objects into them. ``lenalign.integrations.hf`` runs a Hugging Face
+causal LM forward to its logits, or to its LM head's input for
+``linear_sequence_logprobs``; the reference trainer (``lenalign.train``) scores its
+batches through it. A TRL integration will land here too.
+
+Public names: ``HeadInput``, ``forward_logits``, ``forward_head_input``,
+``fused_head_transform``, ``amp_context`` and ``UNSUPPORTED_LOGIT_TRANSFORMS``, all from
+``lenalign.integrations.hf``, which imports torch only (not transformers).
+"""
+
+from .hf import (
+    UNSUPPORTED_LOGIT_TRANSFORMS,
+    HeadInput,
+    amp_context,
+    forward_head_input,
+    forward_logits,
+    fused_head_transform,
+)
+
+__all__ = [
+    "UNSUPPORTED_LOGIT_TRANSFORMS",
+    "HeadInput",
+    "amp_context",
+    "forward_head_input",
+    "forward_logits",
+    "fused_head_transform",
+]

@@ -1,0 +1,83 @@
+"""The torch backend's compiled forward statistics: the same results as its eager ops,
+on every dtype and on non-finite rows, and an eager fallback where compiling fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import naive_sequence_logprobs, random_problem
+
+from lenalign import sequence_logprobs, torch_backend
+
+
+@pytest.fixture
+def compiled_forward(monkeypatch):
+    """Every CPU call of the torch backend takes the compiled statistics."""
+    monkeypatch.setattr(torch_backend, "COMPILE_MIN_LOGITS", 0)
+    monkeypatch.setattr(torch_backend, "_compiled", {})
+
+
+def _rows_with_non_finite(dtype):
+    generator = torch.Generator().manual_seed(2)
+    z = (torch.randn(6, 37, generator=generator) * 4).to(dtype)
+    z[1, 5] = float("inf")
+    z[2, 7] = float("nan")
+    z[3] = float("-inf")
+    z[4, :30] = float("-inf")
+    return z
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_compiled_statistics_equal_the_eager_ops(compiled_forward, dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    z = _rows_with_non_finite(dtype)
+    compiled = torch_backend._statistics_for(z.device, z.numel())
+    assert compiled is not torch_backend.row_statistics
+    got = torch_backend._statistics(compiled, z, acc)
+    want = torch_backend.row_statistics(z, acc)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == acc
+        # fused exp and sum may round differently from the eager ops, by a few ulps of
+        # the sum (log_sum is near 0 where one logit dominates: hence an absolute term)
+        eps = torch.finfo(acc).eps
+        torch.testing.assert_close(g, w, rtol=4 * eps, atol=8 * eps, equal_nan=True)
+    assert torch.isnan(got[1][[1, 2]]).all()  # +inf and nan reach the sum
+    assert got[0][3] == 0 and got[1][3] == float("-inf")  # an all -inf row
+
+
+def test_compiled_forward_matches_the_float64_truth(compiled_forward):
+    logits, labels, mask = random_problem(3, 9, 13, seed=4)
+    out = sequence_logprobs(logits, labels, mask, shift=True, backend="torch")
+    truth = naive_sequence_logprobs(logits, labels, mask, shift=True)
+    torch.testing.assert_close(out.sum, truth[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.mean, truth[1], rtol=1e-12, atol=1e-12)
+    assert torch_backend._compiled["fn"] is not None
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(compiled_forward, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch_backend, "_compiled", {"fn": broken})
+    logits, labels, mask = random_problem(2, 6, 11, seed=5)
+    with pytest.warns(RuntimeWarning, match="runs its forward eagerly: .*no C\\+\\+ compiler"):
+        out = sequence_logprobs(logits, labels, mask, backend="torch")
+    truth = naive_sequence_logprobs(logits, labels, mask)
+    torch.testing.assert_close(out.sum, truth[0], rtol=1e-12, atol=1e-12)
+    assert torch_backend._compiled["fn"] is None  # and eager from then on
+
+
+def test_compiled_forward_inside_a_compiled_graph(compiled_forward):
+    logits, labels, mask = random_problem(2, 7, 10, dtype=torch.float32, seed=6)
+
+    def total(logits):
+        return sequence_logprobs(logits, labels, mask, shift=True, backend="torch").sum.sum()
+
+    leaf = logits.clone().requires_grad_()
+    want = total(leaf)
+    (want_grad,) = torch.autograd.grad(want, leaf)
+    got = torch.compile(total, fullgraph=True)(leaf)
+    (got_grad,) = torch.autograd.grad(got, leaf)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-7)
+    assert torch_backend._compiled["fn"] is not None

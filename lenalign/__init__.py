@@ -1,19 +1,15 @@
 """lenalign: fused, length-normalized sequence log-likelihoods for direct alignment."""
 
 from .api import linear_sequence_logprobs, sequence_logprobs
-from .losses import (
-    PreferenceLossOutput,
-    preference_loss,
-    preference_loss_from_hidden,
-    preference_loss_from_logits,
-    sequence_score,
-)
-from .outputs import SequenceLogProbs
+from .losses import PreferenceLossOutput, preference_loss, sequence_score
+from .outputs import SequenceLogProbs, TokenStats
+from .pair_batch import preference_loss_from_hidden, preference_loss_from_logits
 from .reference import reference_sequence_logprobs
 
 __all__ = [
     "PreferenceLossOutput",
     "SequenceLogProbs",
+    "TokenStats",
     "linear_sequence_logprobs",
     "preference_loss",
     "preference_loss_from_hidden",

@@ -7,6 +7,8 @@ packed boundaries, the kernels) runs inside the operators."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .backends import select_backend
@@ -14,7 +16,7 @@ from .checks import check_bool, check_int, fail, positive_finite
 from .function import SequenceLogProbsUnderFunc
 from .layout import RowLayout, build_layout, build_linear_layout, overlaps_itself
 from .linear_function import LinearSequenceLogProbsUnderFunc, default_chunk_rows
-from .outputs import SequenceLogProbs
+from .outputs import SequenceLogProbs, TokenStats
 
 
 def sequence_logprobs(
@@ -26,6 +28,7 @@ def sequence_logprobs(
     shift: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     return_token_logprobs: bool = False,
+    return_token_stats: bool = False,
     inplace_backward: bool = False,
     backend: str = "auto",
 ) -> SequenceLogProbs:
@@ -44,6 +47,9 @@ def sequence_logprobs(
         cu_seqlens: [S + 1] int32/int64 boundaries of packed sequences (FlashAttention's
             varlen convention); None for a padded batch (S = B).
         return_token_logprobs: also return per-position log-probabilities.
+        return_token_stats: also return per-position entropy, mean logit, top-1 hit and
+            log of the summed squared probabilities (a TokenStats), from the same pass
+            over the logits; they carry no gradient.
         inplace_backward: write the gradient into the logits' own storage during the
             backward instead of a new [.., V] buffer. The logits are overwritten: do not
             use them after ``backward()``.
@@ -51,14 +57,16 @@ def sequence_logprobs(
             Triton supports, else the pure-PyTorch backend).
 
     Returns:
-        SequenceLogProbs(sum [S], mean [S], count [S] int64, token_logprobs or None);
-        float fields are float64 for float64 logits and float32 otherwise.
+        SequenceLogProbs(sum [S], mean [S], count [S] int64, token_logprobs or None,
+        token_stats or None); float fields are float64 for float64 logits and float32
+        otherwise.
 
     Raises:
         ValueError: naming the argument, for wrong shapes, dtypes or devices, a label
             outside [0, V) at a counted position, or malformed ``cu_seqlens``.
     """
     check_bool("return_token_logprobs", return_token_logprobs)
+    check_bool("return_token_stats", return_token_stats)
     check_bool("inplace_backward", inplace_backward)
     layout = build_layout(logits, labels, mask, ignore_index, shift, cu_seqlens)
     if inplace_backward:
@@ -69,13 +77,11 @@ def sequence_logprobs(
         layout.cu_seqlens,
         layout.shift,
         inplace_backward,
+        return_token_stats,
         select_backend(backend, logits.device),
     )
-    if _functorch_active():
-        outputs = SequenceLogProbsUnderFunc.apply(*inputs)
-    else:
-        outputs = torch.ops.lenalign.sequence_logprobs(*inputs)
-    return _package(outputs, layout, return_token_logprobs)
+    outputs = _call(torch.ops.lenalign.sequence_logprobs, SequenceLogProbsUnderFunc, inputs)
+    return _package(outputs, layout, return_token_logprobs, return_token_stats)
 
 
 def linear_sequence_logprobs(
@@ -89,6 +95,7 @@ def linear_sequence_logprobs(
     shift: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     return_token_logprobs: bool = False,
+    return_token_stats: bool = False,
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
     chunk_rows: int | None = None,
@@ -108,8 +115,9 @@ def linear_sequence_logprobs(
             float64; any strides.
         weight: [V, H] LM-head weight (``lm_head.weight``), the hidden states' dtype and
             device.
-        labels, mask, ignore_index, shift, cu_seqlens, return_token_logprobs, backend: as
-            for ``sequence_logprobs``, with ``hidden`` in place of the logits.
+        labels, mask, ignore_index, shift, cu_seqlens, return_token_logprobs,
+            return_token_stats, backend: as for ``sequence_logprobs``, with ``hidden`` in
+            place of the logits (the statistics are of the scaled and capped logits).
         bias: optional [V] LM-head bias, the hidden states' dtype and device.
         logit_scale: the logits are multiplied by it (Cohere's ``config.logit_scale``);
             a finite number > 0.
@@ -129,6 +137,7 @@ def linear_sequence_logprobs(
             bias whose shape, dtype or device does not match the hidden states.
     """
     check_bool("return_token_logprobs", return_token_logprobs)
+    check_bool("return_token_stats", return_token_stats)
     scale = positive_finite("logit_scale", logit_scale)
     softcap = None if logit_softcap is None else positive_finite("logit_softcap", logit_softcap)
     if chunk_rows is not None:
@@ -152,20 +161,24 @@ def linear_sequence_logprobs(
         scale,
         softcap,
         compact,
+        return_token_stats,
         select_backend(backend, hidden.device),
     )
-    if _functorch_active():
-        outputs = LinearSequenceLogProbsUnderFunc.apply(*inputs)
-    else:
-        outputs = torch.ops.lenalign.linear_sequence_logprobs(*inputs)
-    return _package(outputs, layout, return_token_logprobs)
+    outputs = _call(
+        torch.ops.lenalign.linear_sequence_logprobs, LinearSequenceLogProbsUnderFunc, inputs
+    )
+    return _package(outputs, layout, return_token_logprobs, return_token_stats)
 
 
-def _functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vjp, ...) is running this call."""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._functorch.peek_interpreter_stack() is not None
+def _call(operator: Callable, under_func: type[torch.autograd.Function], inputs: tuple) -> tuple:
+    """The registered operator; or, while a torch.func transform (grad, vjp, ...) runs this
+    call, its autograd.Function twin (function.SequenceLogProbsUnderFunc says why)."""
+    if (
+        not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is not None
+    ):
+        return under_func.apply(*inputs)
+    return operator(*inputs)
 
 
 def _check_inplace(logits3d: torch.Tensor) -> None:
@@ -180,8 +193,15 @@ def _check_inplace(logits3d: torch.Tensor) -> None:
         )
 
 
-def _package(outputs: tuple, layout: RowLayout, return_token_logprobs: bool) -> SequenceLogProbs:
+def _package(
+    outputs: tuple, layout: RowLayout, return_token_logprobs: bool, return_token_stats: bool
+) -> SequenceLogProbs:
+    """The user's SequenceLogProbs of an operator's outputs: (sum, mean, count,
+    token_logprobs, row_max, log_sum, the four statistics, [anything else])."""
     seq_sum, seq_mean, seq_count, token_logprobs = outputs[:4]
+    stats = None
+    if return_token_stats:
+        stats = TokenStats(*(values.reshape(layout.label_shape) for values in outputs[6:10]))
     return SequenceLogProbs(
         sum=seq_sum,
         mean=seq_mean,
@@ -189,4 +209,5 @@ def _package(outputs: tuple, layout: RowLayout, return_token_logprobs: bool) -> 
         token_logprobs=token_logprobs.reshape(layout.label_shape)
         if return_token_logprobs
         else None,
+        token_stats=stats,
     )

@@ -53,12 +53,29 @@ def row_coefficients(
     return torch.where(targets >= 0, coef, torch.zeros_like(coef)).to(dtype)
 
 
-def sequence_fake_outputs(
-    like: torch.Tensor, n_rows: int, cu_seqlens: torch.Tensor, acc: torch.dtype
+# the per-token statistics' dtypes, in the order of lenalign.TokenStats; None: the
+# accumulate dtype
+STATS_DTYPES = (None, None, torch.bool, None)
+
+
+def token_stats_outputs(
+    row_stats: tuple[torch.Tensor, ...] | None, like: torch.Tensor, acc: torch.dtype, shift: int
 ) -> tuple[torch.Tensor, ...]:
-    """Empty (sum, mean, count, token_logprobs, row_max, log_sum) of the right shapes and
-    dtypes on ``like``'s device: what both operators' fake implementations return."""
+    """The four statistics moved to label positions, or four empty tensors when they were
+    not asked for (an operator's outputs are tensors, never None)."""
+    if row_stats is None:
+        return tuple(like.new_empty(0, dtype=dtype or acc) for dtype in STATS_DTYPES)
+    return tuple(rows_to_labels(values, shift) for values in row_stats)
+
+
+def sequence_fake_outputs(
+    like: torch.Tensor, n_rows: int, cu_seqlens: torch.Tensor, acc: torch.dtype, stats: bool
+) -> tuple[torch.Tensor, ...]:
+    """Empty (sum, mean, count, token_logprobs, row_max, log_sum) and the four statistics
+    (of N rows with ``stats``, else of none) of the right shapes and dtypes on ``like``'s
+    device: what both operators' fake implementations return."""
     n_seq = cu_seqlens.shape[0] - 1
+    n_stats = n_rows if stats else 0
     return (
         like.new_empty(n_seq, dtype=acc),
         like.new_empty(n_seq, dtype=acc),
@@ -66,6 +83,7 @@ def sequence_fake_outputs(
         like.new_empty(n_rows, dtype=acc),
         like.new_empty(n_rows, dtype=acc),
         like.new_empty(n_rows, dtype=acc),
+        *(like.new_empty(n_stats, dtype=dtype or acc) for dtype in STATS_DTYPES),
     )
 
 
@@ -76,9 +94,23 @@ def sequence_logprobs_op(
     cu_seqlens: torch.Tensor,
     shift: int,
     inplace_backward: bool,
+    stats: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum [S], mean [S], count [S], token_logprobs [N], row_max [N], log_sum [N]).
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    """(sum [S], mean [S], count [S], token_logprobs [N], row_max [N], log_sum [N],
+    entropy, mean_logits, is_top1, log_sum_sq_probs): the last four [N] with ``stats``,
+    else empty.
 
     row_max and log_sum (the two parts of each row's logsumexp) are outputs so that the
     registered backward can save them; ``sequence_logprobs`` does not return them.
@@ -86,15 +118,19 @@ def sequence_logprobs_op(
     """
     kernels = backend_kernels(backend)
     acc = accumulate_dtype(logits3d.dtype)
-    row_logprob, row_max, log_sum = kernels.row_logprob_forward(logits3d, targets, acc)
+    row_logprob, row_max, log_sum, *row_stats = kernels.row_logprob_forward(
+        logits3d, targets, acc, stats=stats
+    )
     seq_sum, seq_count, seq_mean = kernels.segment_reduce(row_logprob, targets, cu_seqlens)
-    return seq_sum, seq_mean, seq_count, rows_to_labels(row_logprob, shift), row_max, log_sum
+    token_logprobs = rows_to_labels(row_logprob, shift)
+    outputs = (seq_sum, seq_mean, seq_count, token_logprobs, row_max, log_sum)
+    return *outputs, *token_stats_outputs(row_stats or None, logits3d, acc, shift)
 
 
 @sequence_logprobs_op.register_fake
-def _(logits3d, targets, cu_seqlens, shift, inplace_backward, backend):
+def _(logits3d, targets, cu_seqlens, shift, inplace_backward, stats, backend):
     acc = accumulate_dtype(logits3d.dtype)
-    return sequence_fake_outputs(logits3d, targets.shape[0], cu_seqlens, acc)
+    return sequence_fake_outputs(logits3d, targets.shape[0], cu_seqlens, acc, stats)
 
 
 @torch.library.custom_op("lenalign::row_logprob_backward", mutates_args=())
@@ -135,20 +171,20 @@ def row_logprob_backward_(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits3d, targets, cu_seqlens, shift, inplace_backward, backend = inputs
-    _, _, seq_count, _, row_max, log_sum = output
+    logits3d, targets, cu_seqlens, shift, inplace_backward, _stats, backend = inputs
+    _, _, seq_count, _, row_max, log_sum, *token_stats = output
     # every tensor the backward needs goes through save_for_backward, so that
     # saved_tensors_hooks (activation offloading) see them all
     ctx.save_for_backward(logits3d, targets, cu_seqlens, row_max, log_sum, seq_count)
-    ctx.mark_non_differentiable(seq_count, row_max, log_sum)
+    ctx.mark_non_differentiable(seq_count, row_max, log_sum, *token_stats)
     ctx.shift = shift
     ctx.inplace_backward = inplace_backward
     ctx.backend = backend
 
 
-def _backward(ctx, grad_sum, grad_mean, _grad_count, grad_token, _grad_max, _grad_log_sum):
+def _backward(ctx, grad_sum, grad_mean, _grad_count, grad_token, *_not_differentiable):
     if not ctx.needs_input_grad[0]:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     logits3d, targets, cu_seqlens, row_max, log_sum, seq_count = ctx.saved_tensors
     coef = row_coefficients(
         targets, cu_seqlens, seq_count, grad_sum, grad_mean, grad_token, ctx.shift, log_sum.dtype
@@ -162,7 +198,7 @@ def _backward(ctx, grad_sum, grad_mean, _grad_count, grad_token, _grad_max, _gra
         grad = torch.ops.lenalign.row_logprob_backward(
             logits3d, targets, row_max, log_sum, coef, ctx.backend
         )
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 sequence_logprobs_op.register_autograd(_backward, setup_context=_setup_context)

@@ -34,7 +34,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .backends import backend_kernels
-from .function import row_coefficients, sequence_fake_outputs
+from .function import (
+    STATS_DTYPES,
+    row_coefficients,
+    sequence_fake_outputs,
+    token_stats_outputs,
+)
 from .layout import accumulate_dtype, rows_to_labels
 
 # logits of one chunk: 256 MiB, e.g. 1046 rows of a 128256-token vocabulary in bf16
@@ -126,6 +131,7 @@ def linear_sequence_logprobs_op(
     scale: float,
     softcap: float | None,
     compact: bool,
+    stats: bool,
     backend: str,
 ) -> tuple[
     torch.Tensor,
@@ -135,9 +141,14 @@ def linear_sequence_logprobs_op(
     torch.Tensor,
     torch.Tensor,
     torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
 ]:
     """(sum [S], mean [S], count [S], token_logprobs [N], row_max [N], log_sum [N],
-    hidden_counted): the last is the counted rows' hidden states [M, H] when
+    entropy, mean_logits, is_top1, log_sum_sq_probs, hidden_counted): the statistics
+    [N] with ``stats``, else empty; the last the counted rows' hidden states [M, H] when
     ``compact``, else an empty [0, H] (the backward then reads ``hidden3d``)."""
     kernels = backend_kernels(backend)
     transform = HeadTransform(scale, softcap)
@@ -150,28 +161,37 @@ def linear_sequence_logprobs_op(
     row_max = torch.zeros(n_rows, dtype=acc, device=hidden3d.device)
     log_sum = torch.zeros_like(row_max)
     row_logprob = torch.zeros_like(row_max)
+    row_stats = None
+    if stats:
+        row_stats = [
+            torch.zeros(n_rows, dtype=d or acc, device=row_max.device) for d in STATS_DTYPES
+        ]
     for start in range(0, counted_rows.numel(), chunk_rows):
         rows = counted_rows[start : start + chunk_rows]
         logits, _ = transform.forward(
             _head(hidden_counted[start : start + chunk_rows], weight, bias)
         )
-        row_logprob[rows], row_max[rows], log_sum[rows] = kernels.row_logprob_forward(
-            logits.unsqueeze(0), targets_counted[start : start + chunk_rows], acc
+        chunk = kernels.row_logprob_forward(
+            logits.unsqueeze(0), targets_counted[start : start + chunk_rows], acc, stats=stats
         )
-        del logits  # before the next chunk's, so that one chunk of logits lives at a time
+        row_logprob[rows], row_max[rows], log_sum[rows] = chunk[:3]
+        for values, chunk_values in zip(row_stats or (), chunk[3:], strict=True):
+            values[rows] = chunk_values
+        del logits, chunk  # before the next chunk's: one chunk of logits lives at a time
     seq_sum, seq_count, seq_mean = kernels.segment_reduce(row_logprob, targets, cu_seqlens)
     if not compact:
         hidden_counted = hidden3d.new_empty((0, hidden3d.shape[-1]))
     token_logprobs = rows_to_labels(row_logprob, shift)
-    return seq_sum, seq_mean, seq_count, token_logprobs, row_max, log_sum, hidden_counted
+    token_stats = token_stats_outputs(row_stats, hidden3d, acc, shift)
+    outputs = (seq_sum, seq_mean, seq_count, token_logprobs, row_max, log_sum)
+    return *outputs, *token_stats, hidden_counted
 
 
 @linear_sequence_logprobs_op.register_fake
-def _(
-    hidden3d, weight, bias, targets, cu_seqlens, shift, chunk_rows, scale, softcap, compact, backend
-):
+def _(hidden3d, weight, bias, targets, cu_seqlens, shift, chunk_rows, scale, softcap, *flags):
+    compact, stats, _backend = flags
     acc = accumulate_dtype(hidden3d.dtype)
-    outputs = sequence_fake_outputs(hidden3d, targets.shape[0], cu_seqlens, acc)
+    outputs = sequence_fake_outputs(hidden3d, targets.shape[0], cu_seqlens, acc, stats)
     # compact output's row count depends on the data; the wrappers ask for it eagerly only
     counted = torch.library.get_ctx().new_dynamic_size() if compact else 0
     return (*outputs, hidden3d.new_empty((counted, hidden3d.shape[-1])))
@@ -276,12 +296,12 @@ def _(
 
 def _setup_context(ctx, inputs, output) -> None:
     hidden3d, weight, bias, targets, cu_seqlens, shift, chunk_rows, scale, softcap = inputs[:9]
-    compact, backend = inputs[9:]
-    _, _, seq_count, _, row_max, log_sum, hidden_counted = output
+    compact, _stats, backend = inputs[9:]
+    _, _, seq_count, _, row_max, log_sum, *token_stats, hidden_counted = output
     # through save_for_backward only, so that saved_tensors_hooks see every tensor
     hidden = hidden_counted if compact else hidden3d
     ctx.save_for_backward(hidden, weight, bias, targets, cu_seqlens, row_max, log_sum, seq_count)
-    ctx.mark_non_differentiable(seq_count, row_max, log_sum, hidden_counted)
+    ctx.mark_non_differentiable(seq_count, row_max, log_sum, *token_stats, hidden_counted)
     ctx.hidden_shape = list(hidden3d.shape)
     ctx.settings = (shift, chunk_rows, scale, softcap, compact, backend)
 
@@ -289,7 +309,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_sum, grad_mean, _grad_count, grad_token, *_grad_saved):
     needs_grad = list(ctx.needs_input_grad[:3])
     if not any(needs_grad):
-        return (None,) * 11
+        return (None,) * 12
     hidden, weight, bias, targets, cu_seqlens, row_max, log_sum, seq_count = ctx.saved_tensors
     shift, chunk_rows, scale, softcap, compact, backend = ctx.settings
     needs_grad[2] = needs_grad[2] and bias is not None
@@ -315,7 +335,7 @@ def _backward(ctx, grad_sum, grad_mean, _grad_count, grad_token, *_grad_saved):
     grad_hidden, grad_weight, grad_bias = (
         grad if need else None for grad, need in zip(grads, needs_grad, strict=True)
     )
-    return (grad_hidden, grad_weight, grad_bias, *(None,) * 8)
+    return (grad_hidden, grad_weight, grad_bias, *(None,) * 9)
 
 
 linear_sequence_logprobs_op.register_autograd(_backward, setup_context=_setup_context)

@@ -17,10 +17,9 @@ from typing import Any, NamedTuple
 import torch
 from torch.nn.functional import logsigmoid
 
-from .api import linear_sequence_logprobs, sequence_logprobs
 from .checks import check_choice, fail, finite_real
 from .layout import INTEGER_DTYPES
-from .outputs import SequenceLogProbs
+from .outputs import SequenceLogProbs, TokenStats
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "rdpo", "simpo")
 # the loss types that compare policy and reference; "simpo" alone scores the policy only
@@ -74,7 +73,8 @@ def _length_exponent(length_normalization: object) -> float:
     return exponent
 
 
-def _check_reference_presence(loss_type: str, argument: str, reference: object) -> None:
+def check_reference_presence(loss_type: str, argument: str, reference: object) -> None:
+    """Refuse a missing reference where ``loss_type`` needs one, and one given where not."""
     if loss_type in REFERENCE_LOSS_TYPES and reference is None:
         fail(argument, f"the reference log-probs that loss_type={loss_type!r} needs", None)
     if loss_type not in REFERENCE_LOSS_TYPES and reference is not None:
@@ -85,7 +85,8 @@ def _check_reference_presence(loss_type: str, argument: str, reference: object) 
         )
 
 
-def _check_logps(argument: str, logps: object) -> SequenceLogProbs:
+def check_logps(argument: str, logps: object) -> SequenceLogProbs:
+    """``logps`` itself if it is a SequenceLogProbs with a 1-D float sum and integer counts."""
     if not isinstance(logps, SequenceLogProbs):
         fail(argument, "a SequenceLogProbs", type(logps).__name__)
     total, count = logps.sum, logps.count
@@ -160,7 +161,7 @@ def sequence_score(
         ValueError: naming the argument, for a malformed ``logps`` or a lambda outside [0, 1].
     """
     exponent = _length_exponent(length_normalization)
-    logps = _check_logps("logps", logps)
+    logps = check_logps("logps", logps)
     return _score(logps.sum, logps.count, exponent, _score_dtype(logps.sum.dtype))
 
 
@@ -257,15 +258,15 @@ def preference_loss(
     beta, gamma, alpha, label_smoothing, sft_weight = _check_hyperparameters(
         loss_type, beta, gamma, alpha, label_smoothing, sft_weight
     )
-    _check_reference_presence(loss_type, "ref_chosen", ref_chosen)
-    _check_reference_presence(loss_type, "ref_rejected", ref_rejected)
+    check_reference_presence(loss_type, "ref_chosen", ref_chosen)
+    check_reference_presence(loss_type, "ref_rejected", ref_rejected)
     named = {
-        "policy_chosen": _check_logps("policy_chosen", policy_chosen),
-        "policy_rejected": _check_logps("policy_rejected", policy_rejected),
+        "policy_chosen": check_logps("policy_chosen", policy_chosen),
+        "policy_rejected": check_logps("policy_rejected", policy_rejected),
     }
     if loss_type in REFERENCE_LOSS_TYPES:
-        named["ref_chosen"] = _check_logps("ref_chosen", ref_chosen)
-        named["ref_rejected"] = _check_logps("ref_rejected", ref_rejected)
+        named["ref_chosen"] = check_logps("ref_chosen", ref_chosen)
+        named["ref_rejected"] = check_logps("ref_rejected", ref_rejected)
     _check_pairs(named)
     dtype = _score_dtype(*(logps.sum.dtype for logps in named.values()))
 
@@ -316,9 +317,14 @@ def preference_loss(
 
 
 def _rows(logps: SequenceLogProbs, rows: slice) -> SequenceLogProbs:
-    return SequenceLogProbs(
-        *(field[rows] if isinstance(field, torch.Tensor) else field for field in logps)
-    )
+    fields = []
+    for field in logps:
+        if isinstance(field, TokenStats):
+            field = TokenStats(*[values[rows] for values in field])
+        elif isinstance(field, torch.Tensor):
+            field = field[rows]
+        fields.append(field)
+    return SequenceLogProbs(*fields)
 
 
 def split_pairs(logps: SequenceLogProbs) -> tuple[SequenceLogProbs, SequenceLogProbs]:
@@ -327,145 +333,11 @@ def split_pairs(logps: SequenceLogProbs) -> tuple[SequenceLogProbs, SequenceLogP
     return _rows(logps, slice(None, n_pairs)), _rows(logps, slice(n_pairs, None))
 
 
-def preference_loss_from_logits(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    ref_logps: SequenceLogProbs | None = None,
-    *,
-    shift: bool = True,
-    backend: str = "auto",
-    loss_type: str = "sigmoid",
-    **loss_kwargs: Any,
-) -> PreferenceLossOutput:
-    """``preference_loss`` of a concatenated batch in TRL's layout, in one kernel call.
+def __getattr__(name: str) -> Any:
+    # the TRL-layout batch entries live in pair_batch.py, which builds on this module;
+    # they stay importable from here, as before that split
+    if name in ("preference_loss_from_logits", "preference_loss_from_hidden"):
+        from . import pair_batch
 
-    Rows 0..B-1 hold the chosen completions and rows B..2B-1 the rejected ones, pair i
-    being rows i and B + i. ``sequence_logprobs`` runs once over all 2B rows.
-
-    Args:
-        logits: [2B, T, V] policy logits; float16, bfloat16, float32 or float64.
-        labels: [2B, T] integer labels; ``-100`` marks positions that never count (prompt,
-            padding).
-        mask: optional [2B, T] bool or integer mask of the counted positions (e.g. the
-            completion mask), aligned with the labels.
-        ref_logps: SequenceLogProbs of the same 2B rows under the reference model, in the
-            same layout; None for "simpo".
-        shift: Hugging Face causal-LM convention: the label at position t is scored with
-            the logits at t - 1 (the default, as for raw ``model(...).logits``).
-        backend: "auto", "triton" or "torch", forwarded to ``sequence_logprobs``.
-        loss_type: as in ``preference_loss``.
-        **loss_kwargs: the other keyword arguments of ``preference_loss`` (beta,
-            length_normalization, gamma, alpha, label_smoothing, sft_weight).
-
-    Returns:
-        PreferenceLossOutput, the loss differentiable in ``logits``.
-
-    Raises:
-        ValueError: naming the argument, for logits that are not [2B, T, V] with an even
-            row count, a ``ref_logps`` of the wrong size or presence for ``loss_type``,
-            and everything ``sequence_logprobs`` and ``preference_loss`` refuse.
-    """
-    loss_type, ref_logps = _check_pair_batch("logits", logits, "V", loss_type, ref_logps)
-    policy = sequence_logprobs(logits, labels, mask, shift=shift, backend=backend)
-    return _pair_loss(policy, ref_logps, loss_type, loss_kwargs)
-
-
-def preference_loss_from_hidden(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    ref_logps: SequenceLogProbs | None = None,
-    *,
-    bias: torch.Tensor | None = None,
-    shift: bool = True,
-    logit_scale: float = 1.0,
-    logit_softcap: float | None = None,
-    chunk_rows: int | None = None,
-    backend: str = "auto",
-    loss_type: str = "sigmoid",
-    **loss_kwargs: Any,
-) -> PreferenceLossOutput:
-    """``preference_loss_from_logits`` from the hidden states entering the LM head.
-
-    The policy's log-likelihoods come from ``linear_sequence_logprobs(hidden, weight,
-    labels, mask, bias=bias, ...)``, so the [2B, T, V] logits never exist at once.
-
-    Args:
-        hidden: [2B, T, H] hidden states of the policy (B chosen rows, then B rejected).
-        weight: [V, H] LM-head weight; ``bias``: optional [V] LM-head bias.
-        labels, mask, ref_logps, shift, backend, loss_type, **loss_kwargs: as for
-            ``preference_loss_from_logits``.
-        logit_scale, logit_softcap, chunk_rows: as for ``linear_sequence_logprobs``.
-
-    Returns:
-        PreferenceLossOutput, the loss differentiable in ``hidden``, ``weight`` and
-        ``bias``.
-
-    Raises:
-        ValueError: naming the argument, as ``preference_loss_from_logits`` (with
-            ``hidden`` in place of the logits) and ``linear_sequence_logprobs``.
-    """
-    loss_type, ref_logps = _check_pair_batch("hidden", hidden, "H", loss_type, ref_logps)
-    policy = linear_sequence_logprobs(
-        hidden,
-        weight,
-        labels,
-        mask,
-        bias=bias,
-        shift=shift,
-        logit_scale=logit_scale,
-        logit_softcap=logit_softcap,
-        chunk_rows=chunk_rows,
-        backend=backend,
-    )
-    return _pair_loss(policy, ref_logps, loss_type, loss_kwargs)
-
-
-def _check_pair_batch(
-    argument: str,
-    rows: object,
-    feature: str,
-    loss_type: object,
-    ref_logps: SequenceLogProbs | None,
-) -> tuple[str, SequenceLogProbs | None]:
-    """Check a [2B, T, .] batch in TRL's layout and its reference, before any kernel runs."""
-    if not isinstance(rows, torch.Tensor) or rows.dim() != 3:
-        got = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
-        fail(argument, f"a [2B, T, {feature}] tensor (B chosen rows, then B rejected rows)", got)
-    n_rows = rows.shape[0]
-    if n_rows % 2 != 0:
-        fail(argument, "an even number of rows (B chosen, then B rejected)", n_rows)
-    loss_type = check_choice("loss_type", loss_type, LOSS_TYPES)
-    _check_reference_presence(loss_type, "ref_logps", ref_logps)
-    if ref_logps is not None:
-        ref_logps = _check_logps("ref_logps", ref_logps)
-        if ref_logps.sum.shape[0] != n_rows:
-            fail("ref_logps", f"{n_rows} sequences ({argument}.shape[0])", ref_logps.sum.shape[0])
-        if ref_logps.sum.device != rows.device:
-            fail(
-                "ref_logps",
-                f"tensors on {rows.device} (the device of {argument})",
-                ref_logps.sum.device,
-            )
-    return loss_type, ref_logps
-
-
-def _pair_loss(
-    policy: SequenceLogProbs,
-    ref_logps: SequenceLogProbs | None,
-    loss_type: str,
-    loss_kwargs: dict[str, Any],
-) -> PreferenceLossOutput:
-    """``preference_loss`` of the 2B sequences of a TRL-layout batch, split into pairs."""
-    policy_chosen, policy_rejected = split_pairs(policy)
-    ref_chosen, ref_rejected = split_pairs(ref_logps) if ref_logps is not None else (None, None)
-    return preference_loss(
-        policy_chosen,
-        policy_rejected,
-        ref_chosen,
-        ref_rejected,
-        loss_type=loss_type,
-        **loss_kwargs,
-    )
+        return getattr(pair_batch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -54,8 +54,12 @@ def _row_runs(
             yield bool(counted[start]), batch, chunk_start, chunk_end, rows
 
 
-def row_statistics(z: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m [r], log_sum [r]) of the rows of ``z`` [r, V], in dtype ``acc``.
+def row_statistics(
+    z: torch.Tensor, acc: torch.dtype, stats: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """(m [r], log_sum [r]) of the rows of ``z`` [r, V], in dtype ``acc``; with ``stats``
+    also (entropy, mean_logits, first argmax (int64), log_sum_sq_probs), as in
+    kernels/forward.py.
 
     The logsumexp is kept as m + log_sum, as in kernels/forward.py, for precision.
     """
@@ -63,61 +67,81 @@ def row_statistics(z: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, tor
     row_max = z.amax(dim=-1)
     # an all -inf row shifts by 0, so that -inf - -inf never makes a nan
     row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
-    return row_max, (z - row_max[:, None]).exp().sum(dim=-1).log()
+    shifted = z - row_max[:, None]
+    exps = shifted.exp()
+    total = exps.sum(dim=-1)
+    log_sum = total.log()
+    if not stats:
+        return row_max, log_sum
+    # -sum p log p = log S - sum e (z - m) / S; e == 0 where z == -inf, whose term is 0
+    weighted = torch.where(exps > 0, exps * shifted, 0.0).sum(dim=-1)
+    entropy = log_sum - weighted / total
+    log_sum_sq = (exps * exps).sum(dim=-1).log() - 2.0 * log_sum
+    return row_max, log_sum, entropy, z.mean(dim=-1), z.argmax(dim=-1), log_sum_sq
 
 
-_compiled: dict[str, Callable | None] = {}
+_compiled: dict[bool, Callable | None] = {}
 
 
-def _statistics_for(device: torch.device, counted_logits: int) -> Callable:
+def _statistics_for(device: torch.device, counted_logits: int, stats: bool) -> Callable:
     """``row_statistics`` compiled where that pays (a CPU call of at least
     COMPILE_MIN_LOGITS counted logits), else as it is."""
     if device.type != "cpu" or counted_logits < COMPILE_MIN_LOGITS:
         return row_statistics
-    if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(row_statistics, dynamic=True)
-    return _compiled["fn"] or row_statistics
+    if stats not in _compiled:
+        _compiled[stats] = torch.compile(row_statistics, dynamic=True)
+    return _compiled[stats] or row_statistics
 
 
 def _statistics(
-    stats: Callable, z: torch.Tensor, acc: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if stats is row_statistics:
-        return row_statistics(z, acc)
+    compiled: Callable, z: torch.Tensor, acc: torch.dtype, stats: bool
+) -> tuple[torch.Tensor, ...]:
+    if compiled is row_statistics:
+        return row_statistics(z, acc, stats)
     try:
-        return stats(z, acc)
+        return compiled(z, acc, stats)
     except Exception as error:  # any compiler failure: compilation is an optimization
-        _compiled["fn"] = None
+        _compiled[stats] = None
         warnings.warn(
             f"lenalign's torch backend runs its forward eagerly: torch.compile failed ({error})",
             RuntimeWarning,
             stacklevel=2,
         )
-        return row_statistics(z, acc)
+        return row_statistics(z, acc, stats)
 
 
 def row_logprob_forward(
-    logits3d: torch.Tensor, targets: torch.Tensor, acc: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (logprob [N], row_max [N], log_sum [N]) of dtype ``acc``; 0 on rows not counted."""
+    logits3d: torch.Tensor,
+    targets: torch.Tensor,
+    acc: torch.dtype,
+    *,
+    stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Return (logprob [N], row_max [N], log_sum [N]) of dtype ``acc``, and with ``stats``
+    (entropy, mean_logits, is_top1 (bool), log_sum_sq_probs) [N]; 0 on rows not counted."""
     batch_size, seq_len, vocab = logits3d.shape
     n_rows = batch_size * seq_len
-    logprob = torch.zeros(n_rows, dtype=acc, device=logits3d.device)
-    row_max = torch.zeros(n_rows, dtype=acc, device=logits3d.device)
-    log_sum = torch.zeros(n_rows, dtype=acc, device=logits3d.device)
+    device = logits3d.device
+    outputs = [torch.zeros(n_rows, dtype=acc, device=device) for _ in range(3 + 4 * stats)]
+    if stats:
+        outputs[5] = torch.zeros(n_rows, dtype=torch.bool, device=device)
     runs = list(_row_runs(targets, seq_len, vocab))
     counted_logits = sum(last - first for counted, _, first, last, _ in runs if counted) * vocab
-    stats = _statistics_for(logits3d.device, counted_logits)
+    compiled = _statistics_for(device, counted_logits, stats)
     for counted, batch, first, last, rows in runs:
         if not counted:
             continue
         z = logits3d[batch, first:last]
-        chunk_max, chunk_log_sum = _statistics(stats, z, acc)
-        target = z.gather(1, targets[rows, None]).squeeze(1).to(acc)
-        row_max[rows] = chunk_max
-        log_sum[rows] = chunk_log_sum
-        logprob[rows] = (target - chunk_max) - chunk_log_sum
-    return logprob, row_max, log_sum
+        chunk = _statistics(compiled, z, acc, stats)
+        chunk_targets = targets[rows]
+        target = z.gather(1, chunk_targets[:, None]).squeeze(1).to(acc)
+        outputs[0][rows] = (target - chunk[0]) - chunk[1]
+        outputs[1][rows], outputs[2][rows] = chunk[0], chunk[1]
+        if stats:
+            outputs[3][rows], outputs[4][rows] = chunk[2], chunk[3]
+            outputs[5][rows] = chunk[4] == chunk_targets
+            outputs[6][rows] = chunk[5]
+    return tuple(outputs)
 
 
 def row_logprob_backward(

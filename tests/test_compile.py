@@ -171,7 +171,7 @@ def _op_samples():
         )
         yield (
             torch.ops.lenalign.sequence_logprobs.default,
-            (logits.requires_grad_(), targets, bounds, 1, False, backend),
+            (logits.requires_grad_(), targets, bounds, 1, False, backend == "triton", backend),
         )
         yield (
             torch.ops.lenalign.row_logprob_backward.default,
@@ -185,7 +185,7 @@ def _op_samples():
             yield (
                 torch.ops.lenalign.linear_sequence_logprobs.default,
                 (hidden.requires_grad_(), weight.requires_grad_(), bias, targets, bounds,
-                 1, 4, 1.0, None, compact, backend),
+                 1, 4, 1.0, None, compact, compact, backend),
             )  # fmt: skip
         yield (
             torch.ops.lenalign.linear_sequence_logprobs_backward.default,

@@ -451,7 +451,7 @@ def test_from_logits_runs_one_kernel_call_on_the_whole_batch(monkeypatch):
         calls.append(logits.shape[0])
         return sequence_logprobs(logits, *args, **kwargs)
 
-    monkeypatch.setattr("lenalign.losses.sequence_logprobs", counting_sequence_logprobs)
+    monkeypatch.setattr("lenalign.pair_batch.sequence_logprobs", counting_sequence_logprobs)
     logits, ref_logits, labels, mask = preference_batch(seed=3)
     ref_logps = sequence_logprobs(ref_logits, labels, mask, shift=True, backend="torch")
     out = preference_loss_from_logits(
@@ -602,3 +602,16 @@ def test_from_hidden_names_the_bad_argument():
     for argument, args, kwargs in cases:
         with pytest.raises(ValueError, match=rf"^{re.escape(argument)}: expected"):
             preference_loss_from_hidden(*args, backend="torch", **kwargs)
+
+
+def test_batch_entries_stay_importable_from_losses():
+    import lenalign.losses
+    import lenalign.pair_batch
+
+    assert lenalign.losses.preference_loss_from_logits is preference_loss_from_logits
+    assert (
+        lenalign.losses.preference_loss_from_hidden
+        is lenalign.pair_batch.preference_loss_from_hidden
+    )
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        lenalign.losses.nothing_here  # noqa: B018

@@ -149,8 +149,12 @@ def test_inplace_backward_still_takes_strided_views_that_do_not_overlap(backend)
 def test_meta_tensors_flow_through_with_the_right_shapes(shift):
     logits = torch.empty(3, 8, 50, device="meta", dtype=torch.bfloat16)
     labels = torch.empty(3, 8, device="meta", dtype=torch.int64)
-    out = sequence_logprobs(logits, labels, shift=shift, return_token_logprobs=True)
-    assert [t.device.type for t in out] == ["meta"] * 4
+    out = sequence_logprobs(
+        logits, labels, shift=shift, return_token_logprobs=True, return_token_stats=True
+    )
+    assert [t.device.type for t in (*out[:4], *out.token_stats)] == ["meta"] * 8
+    assert all(t.shape == (3, 8) for t in out.token_stats)
+    assert out.token_stats.is_top1.dtype == torch.bool
     assert out.sum.shape == out.mean.shape == out.count.shape == (3,)
     assert out.token_logprobs.shape == (3, 8)
     assert out.sum.dtype == out.token_logprobs.dtype == torch.float32

@@ -27,15 +27,20 @@ def _rows_with_non_finite(dtype):
     return z
 
 
+@pytest.mark.parametrize("stats", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_compiled_statistics_equal_the_eager_ops(compiled_forward, dtype):
+def test_compiled_statistics_equal_the_eager_ops(compiled_forward, dtype, stats):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     z = _rows_with_non_finite(dtype)
-    compiled = torch_backend._statistics_for(z.device, z.numel())
+    compiled = torch_backend._statistics_for(z.device, z.numel(), stats)
     assert compiled is not torch_backend.row_statistics
-    got = torch_backend._statistics(compiled, z, acc)
-    want = torch_backend.row_statistics(z, acc)
+    got = torch_backend._statistics(compiled, z, acc, stats)
+    want = torch_backend.row_statistics(z, acc, stats)
+    assert len(got) == len(want) == (6 if stats else 2)
     for g, w in zip(got, want, strict=True):
+        if not g.is_floating_point():  # the argmax
+            assert torch.equal(g, w)
+            continue
         assert g.dtype == acc
         # fused exp and sum may round differently from the eager ops, by a few ulps of
         # the sum (log_sum is near 0 where one logit dominates: hence an absolute term)
@@ -51,20 +56,20 @@ def test_compiled_forward_matches_the_float64_truth(compiled_forward):
     truth = naive_sequence_logprobs(logits, labels, mask, shift=True)
     torch.testing.assert_close(out.sum, truth[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.mean, truth[1], rtol=1e-12, atol=1e-12)
-    assert torch_backend._compiled["fn"] is not None
+    assert torch_backend._compiled[False] is not None
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_a_warning(compiled_forward, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(torch_backend, "_compiled", {"fn": broken})
+    monkeypatch.setattr(torch_backend, "_compiled", {False: broken})
     logits, labels, mask = random_problem(2, 6, 11, seed=5)
     with pytest.warns(RuntimeWarning, match="runs its forward eagerly: .*no C\\+\\+ compiler"):
         out = sequence_logprobs(logits, labels, mask, backend="torch")
     truth = naive_sequence_logprobs(logits, labels, mask)
     torch.testing.assert_close(out.sum, truth[0], rtol=1e-12, atol=1e-12)
-    assert torch_backend._compiled["fn"] is None  # and eager from then on
+    assert torch_backend._compiled[False] is None  # and eager from then on
 
 
 def test_compiled_forward_inside_a_compiled_graph(compiled_forward):
@@ -80,4 +85,4 @@ def test_compiled_forward_inside_a_compiled_graph(compiled_forward):
     (got_grad,) = torch.autograd.grad(got, leaf)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-7)
-    assert torch_backend._compiled["fn"] is not None
+    assert torch_backend._compiled[False] is not None

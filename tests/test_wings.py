@@ -55,6 +55,13 @@ def test_import_lenalign_does_not_import_transformers_or_the_wings():
     assert not {"lenalign.train", "lenalign.study", "lenalign.integrations"} & modules
 
 
+def test_the_study_figure_redraws_without_the_trainer():
+    # python -m lenalign.study.plot imports lenalign.study first; the package is lazy
+    modules = imported_after("import lenalign.study.plot")
+    assert "transformers" not in modules
+    assert "lenalign.train" not in modules
+
+
 def test_the_hugging_face_forwards_do_not_import_the_trainer():
     modules = imported_after("import lenalign.integrations.hf")
     assert "lenalign.train" not in modules

@@ -20,11 +20,34 @@ The modules, each with one concern:
   draws it again. Not imported here, so that running it with ``-m`` finds it unloaded.
 """
 
-from .config import QUICK, StudyConfig, length_exponent, normalization_label, scaled_beta
-from .data import HeldOut, StudyData, build_data, demonstration_batch, demonstration_rows
-from .results import COLUMNS, StudyResult, format_table, write_csv
-from .run import evaluate_model, preference_config, run_study, train_reference
-from .sort_task import make_sort_pairs, sort_answer, sort_prompt, sort_score, strip_filler
+from importlib import import_module
+from typing import Any
+
+# name -> module, imported on first use: ``python -m lenalign.study.plot`` imports this
+# package first, and redrawing a figure needs matplotlib, not the trainer's transformers
+_PUBLIC = {
+    **dict.fromkeys(
+        ("QUICK", "StudyConfig", "length_exponent", "normalization_label", "scaled_beta"),
+        "config",
+    ),
+    **dict.fromkeys(
+        ("HeldOut", "StudyData", "build_data", "demonstration_batch", "demonstration_rows"),
+        "data",
+    ),
+    **dict.fromkeys(("COLUMNS", "StudyResult", "format_table", "write_csv"), "results"),
+    **dict.fromkeys(("evaluate_model", "preference_config", "run_study", "train_reference"), "run"),
+    **dict.fromkeys(
+        ("make_sort_pairs", "sort_answer", "sort_prompt", "sort_score", "strip_filler"),
+        "sort_task",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+
 
 __all__ = [
     "COLUMNS",

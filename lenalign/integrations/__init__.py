@@ -7,12 +7,13 @@ causal LM forward to its logits, or to its LM head's input for
 batches through it. A TRL integration will land here too.
 
 Public names: ``HeadInput``, ``forward_logits``, ``forward_head_input``,
-``fused_head_transform``, ``amp_context`` and ``UNSUPPORTED_LOGIT_TRANSFORMS``, all from
-``lenalign.integrations.hf``, which imports torch only (not transformers).
+``fused_head_transform`` (a model's head transforms, and a sampling temperature, as
+``linear_sequence_logprobs``'s ``logit_scale`` and ``logit_softcap``) and
+``amp_context``, all from ``lenalign.integrations.hf``, which imports torch only (not
+transformers).
 """
 
 from .hf import (
-    UNSUPPORTED_LOGIT_TRANSFORMS,
     HeadInput,
     amp_context,
     forward_head_input,
@@ -21,7 +22,6 @@ from .hf import (
 )
 
 __all__ = [
-    "UNSUPPORTED_LOGIT_TRANSFORMS",
     "HeadInput",
     "amp_context",
     "forward_head_input",

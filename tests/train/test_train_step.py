@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hf_head_models import build_head_model
 from train_helpers import small_config
-from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
 from lenalign import reference_sequence_logprobs
 from lenalign.integrations.hf import (
@@ -113,30 +113,18 @@ def test_fused_head_trains_like_the_logits_path(tmp_path):
     assert fused.eval_log[0]["loss"] == pytest.approx(plain.eval_log[0]["loss"], rel=1e-4)
 
 
-def tiny_head_model(kind: str, vocab: int, seed: int):
-    """A one-layer Gemma 2 (soft-capped logits) or Cohere (scaled logits) built in code,
-    with a head large enough that the cap and the scale change the log-likelihoods."""
-    torch.manual_seed(seed)
-    sizes = {"vocab_size": vocab, "hidden_size": 16, "intermediate_size": 32}
-    sizes |= {"num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
-    if kind == "gemma2":
-        config = Gemma2Config(**sizes, head_dim=8, final_logit_softcapping=3.0)
-        model = Gemma2ForCausalLM(config)
-    else:
-        model = CohereForCausalLM(CohereConfig(**sizes, logit_scale=0.25))
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(200.0)
-    return model.double()
+# a family per head transform fused_head_transform maps (tests/hf_head_models.py)
+HEAD_KINDS = ["gemma2", "cohere", "granite", "hyperclovax", "falcon_h1", "muse_glimmer"]
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "cohere"])
+@pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_fused_head_reproduces_scaled_and_capped_logits(tmp_path, tokenizer, kind):
     config = small_config(tmp_path, loss_type="simpo", length_normalization="mean", beta=2.0)
     rows = tokenize_pairs(make_case_pairs(4, seed=5), tokenizer, 48, 24)
     batch = collate_pairs(rows, tokenizer.pad_token_id)
     results = []
     for fused in (False, True):
-        model = tiny_head_model(kind, len(tokenizer), seed=3)
+        model = build_head_model(kind, len(tokenizer), seed=3).double()
         outputs = forward_head_input(model, batch) if fused else forward_logits(model, batch)
         out = batch_loss(outputs, batch, None, config)
         out.loss.backward()
@@ -155,12 +143,33 @@ def test_fused_head_reproduces_scaled_and_capped_logits(tmp_path, tokenizer, kin
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-8, atol=1e-12, msg=name)
 
 
-def test_fused_head_refuses_a_transform_it_cannot_form(tokenizer):
+@pytest.mark.parametrize("kind", ["granite", "muse_glimmer"])
+def test_fused_head_trains_a_scaled_head_like_the_logits_path(tmp_path, tokenizer, kind):
+    # two of the transforms the trainer refused before: logits_scaling (a division), and
+    # output_multiplier before a cap (lm_head_multiplier is checked per batch above)
+    runs = []
+    for fused in (False, True):
+        config = small_config(
+            tmp_path / str(fused),
+            **{"synthetic_size": 64, "batch_size": 4, "max_steps": 2, "warmup_steps": 1},
+            **{"eval_size": 8, "generate_size": 0, "fused_head": fused},
+        )
+        model = build_head_model(kind, len(tokenizer), seed=4)
+        runs.append(train(config, model=model, tokenizer=tokenizer))
+    plain, fused = runs
+    for a, b in zip(plain.train_log, fused.train_log, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert fused.eval_log[0]["loss"] == pytest.approx(plain.eval_log[0]["loss"], rel=1e-4)
+
+
+def test_fused_head_refuses_a_head_it_cannot_form_before_any_step(tmp_path, tokenizer):
     model = build_tiny_llama(tokenizer, seed=0)
     assert fused_head_transform(model) == {"logit_scale": 1.0, "logit_softcap": None}
-    model.config.logits_scaling = 8.0
-    with pytest.raises(ValueError, match=r"^fused_head: expected .*logits_scaling=8.0"):
-        fused_head_transform(model)
+    model.lm_head = torch.nn.Identity()
+    config = small_config(tmp_path, fused_head=True)
+    with pytest.raises(ValueError, match=r"^fused_head: expected .*nn.Linear, got Identity"):
+        train(config, model=model, tokenizer=tokenizer)
+    assert not (tmp_path / "run").exists()
 
 
 def test_trainer_first_step_logs_the_independently_computed_loss(tmp_path, tokenizer):

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install -q --upgrade pip; \
 		$(PY) -m pip install -q "$(CPU_TORCH)"; \
 	fi
-	$(PY) -m pip install -q -e ".[dev,train,bench]"
+	$(PY) -m pip install -q -e ".[dev,train,bench,trl]"
 	@touch $(STAMP)
 
 test: $(STAMP)

@@ -4,7 +4,9 @@ The core (``lenalign.sequence_logprobs`` and the losses) takes tensors; this win
 another library's objects into them. ``lenalign.integrations.hf`` runs a Hugging Face
 causal LM forward to its logits, or to its LM head's input for
 ``linear_sequence_logprobs``; the reference trainer (``lenalign.train``) scores its
-batches through it. A TRL integration will land here too.
+batches through it. ``lenalign.integrations.trl`` (``LenalignDPOConfig``,
+``LenalignDPOTrainer``) switches TRL's DPOTrainer onto lenalign; it needs the ``[trl]``
+extra and is not imported by this package.
 
 Public names: ``HeadInput``, ``forward_logits``, ``forward_head_input``,
 ``fused_head_transform`` (a model's head transforms, and a sampling temperature, as

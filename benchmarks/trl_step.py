@@ -1,0 +1,199 @@
+"""A DPO training step: trl's DPOTrainer against lenalign's LenalignDPOTrainer.
+
+    python benchmarks/trl_step.py                 # CPU: the two cases below
+    python benchmarks/trl_step.py --case vocab128k --steps 8
+
+Both trainers get the same model (built from a config, seeded), the same in-memory data
+set and the same DPOConfig (TRL's defaults, gradient checkpointing included; bf16 on a
+GPU, fp32 on CPU), and run in their own fresh process, one after the other. A callback
+times every optimizer step and measures its peak memory above the level at the step's
+start (the host's resident memory on CPU, PyTorch's allocator on a GPU); the first
+``--warmup`` steps are dropped, and the median time and the largest peak are reported.
+Before timing, each step's loss must agree between the two (relative 1e-3).
+
+Cases: ``tiny`` is the tests' model and data (lenalign.train's 2-layer, 64-wide Llama,
+259-token byte vocabulary, 4 pairs a step); ``vocab128k`` is a 2-layer, 256-wide Llama
+with Llama 3's 128256-token vocabulary, 2 pairs of 128-byte prompts and 128-byte
+completions a step, where the LM head dominates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+CASES = {
+    "tiny": {"vocab": None, "hidden": 64, "pairs": 4, "prompt": (4, 9), "completion": (2, 9)},
+    "vocab128k": {
+        "vocab": 128256,
+        "hidden": 256,
+        "pairs": 2,
+        "prompt": (128, 128),
+        "completion": (96, 128),
+    },
+}
+TRAINERS = ("trl", "lenalign")
+
+
+def build(case: dict, seed: int):
+    """The case's model, byte tokenizer and data set (enough pairs for the steps)."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lenalign.train import build_byte_tokenizer, build_tiny_llama
+
+    tokenizer = build_byte_tokenizer()
+    if case["vocab"] is None:
+        model = build_tiny_llama(tokenizer, seed)
+    else:
+        config = LlamaConfig(
+            vocab_size=case["vocab"],
+            hidden_size=case["hidden"],
+            intermediate_size=4 * case["hidden"],
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
+        )
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    rng = random.Random(seed)
+
+    def text(bounds: tuple[int, int]) -> str:
+        return "".join(rng.choice("abcdefghij") for _ in range(rng.randint(*bounds)))
+
+    rows = [
+        {
+            "prompt": text(case["prompt"]),
+            "chosen": text(case["completion"]),
+            "rejected": text(case["completion"]),
+        }
+        for _ in range(64)
+    ]
+    return model, tokenizer, Dataset.from_list(rows)
+
+
+def worker(trainer_name: str, case_name: str, steps: int, device_type: str) -> dict:
+    """One trainer's run in this process: per-step seconds, peak bytes and losses."""
+    from transformers import TrainerCallback
+
+    from lenalign.bench import peak_memory_probe, synchronize
+
+    if trainer_name == "trl":
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
+    else:
+        from lenalign.integrations.trl import LenalignDPOConfig as Config
+        from lenalign.integrations.trl import LenalignDPOTrainer as Trainer
+
+    device = torch.device(device_type)
+    case = CASES[case_name]
+    model, tokenizer, dataset = build(case, seed=0)
+    reference, _, _ = build(case, seed=1)
+    probe = peak_memory_probe(device)
+    records: list[dict] = []
+
+    class StepProbe(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            synchronize(device)
+            probe.start()
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            synchronize(device)
+            records.append({"seconds": time.perf_counter() - self.started, "peak": probe.stop()})
+
+    with tempfile.TemporaryDirectory() as output_dir, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = Config(
+            output_dir=output_dir,
+            per_device_train_batch_size=case["pairs"],
+            max_steps=steps,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            bf16=device.type == "cuda",
+            use_cpu=device.type == "cpu",
+            dataloader_pin_memory=False,
+            learning_rate=1e-5,
+        )
+        trainer = Trainer(
+            model=model,
+            ref_model=reference,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[StepProbe()],
+        )
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"records": records, "losses": losses}
+
+
+def run_worker(trainer_name: str, case_name: str, steps: int, device_type: str) -> dict:
+    command = [sys.executable, __file__, "--worker", trainer_name, "--case", case_name]
+    command += ["--steps", str(steps), "--device", device_type]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{trainer_name} worker failed:\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def summary(result: dict, warmup: int) -> tuple[float, int]:
+    kept = result["records"][warmup:]
+    return statistics.median(r["seconds"] for r in kept), max(r["peak"] for r in kept)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--case", choices=list(CASES), action="append")
+    parser.add_argument("--steps", type=int, default=None, help="default: 12 tiny, 6 vocab128k")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    if options.worker:
+        case_name = options.case[0]
+        print(json.dumps(worker(options.worker, case_name, options.steps, options.device)))
+        return 0
+
+    from lenalign.bench import machine_description
+
+    print(json.dumps(machine_description(torch.device(options.device))))
+    header = "| case | trainer | median s / step | peak MiB / step | vs DPOTrainer (time, memory) |"
+    lines = [header, "| --- | --- | --- | --- | --- |"]
+    for case_name in options.case or list(CASES):
+        steps = options.steps or (12 if case_name == "tiny" else 6)
+        results = {name: run_worker(name, case_name, steps, options.device) for name in TRAINERS}
+        # both ran the same steps on the same data: their losses must agree
+        for theirs, ours in zip(
+            results["trl"]["losses"], results["lenalign"]["losses"], strict=True
+        ):
+            if abs(theirs - ours) > 1e-3 * max(abs(theirs), 1e-6):
+                raise RuntimeError(f"{case_name}: losses differ, trl {theirs} lenalign {ours}")
+        base_time, base_peak = summary(results["trl"], options.warmup)
+        for name in TRAINERS:
+            seconds, peak = summary(results[name], options.warmup)
+            ratio = f"{seconds / base_time:.2f}x, {peak / max(base_peak, 1):.2f}x"
+            label = "DPOTrainer" if name == "trl" else "LenalignDPOTrainer"
+            lines.append(
+                f"| {case_name} | {label} | {seconds:.3f} | {peak / 2**20:.1f} | {ratio} |"
+            )
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

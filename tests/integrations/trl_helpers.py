@@ -1,0 +1,181 @@
+"""Shared set-up of the TRL integration's tests: a tiny Llama built in code, a byte
+tokenizer, an in-memory preference data set, and trainers of both kinds run from the
+same seed on them (nothing is downloaded, nothing is reported, output goes to tmp_path).
+
+Optimization is plain SGD: Adam divides each gradient element by its own running size,
+so elements whose gradient is rounding noise move by the full learning rate in a random
+direction, and the parameters of two correct implementations would differ by that; with
+SGD they differ by the learning rate times the gradients' difference, which is the
+quantity worth comparing.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import LlamaForCausalLM
+
+from lenalign.train import build_byte_tokenizer, build_tiny_llama
+
+POLICY_SEED = 0
+REFERENCE_SEED = 1
+# timings differ from run to run; everything else in log_history must agree
+TIMING_KEYS = tuple(
+    f"{mode}_{name}"
+    for mode in ("train", "eval")
+    for name in ("runtime", "samples_per_second", "steps_per_second")
+)
+RTOL = 1e-4
+# for metrics whose value is a few ulps from 0 (a tie of rewards, a mean logit near 0)
+ATOL = 1e-6
+
+
+def preference_dataset(n: int = 8, seed: int = 0) -> Dataset:
+    """``n`` pairs of random letters; chosen and rejected differ in length (2 to 9
+    letters), so that summed and averaged scores rank them differently."""
+    rng = random.Random(seed)
+
+    def word(low: int, high: int) -> str:
+        return "".join(rng.choice("abcdefghij") for _ in range(rng.randint(low, high)))
+
+    rows = [
+        {"prompt": f"q: {word(4, 9)}\n", "chosen": word(2, 9), "rejected": word(2, 9)}
+        for _ in range(n)
+    ]
+    return Dataset.from_list(rows)
+
+
+def tokenizer():
+    return build_byte_tokenizer()
+
+
+def tiny_model(seed: int = POLICY_SEED, attn_implementation: str | None = None):
+    """The 2-layer, 64-wide Llama of lenalign.train with weights from ``seed``."""
+    model = build_tiny_llama(build_byte_tokenizer(), seed)
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def config_kwargs(output_dir: Path, **overrides) -> dict:
+    """DPOConfig fields for a 3-step CPU run; ``overrides`` win."""
+    kwargs = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 2,
+        "max_steps": 3,
+        "logging_steps": 1,
+        "report_to": "none",
+        "bf16": False,
+        "optim": "sgd",
+        "learning_rate": 0.5,
+        "save_strategy": "no",
+        "seed": 0,
+        "disable_tqdm": True,
+        "gradient_checkpointing": False,
+        "dataloader_pin_memory": False,
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_trainer(
+    trainer_cls,
+    config_cls,
+    output_dir: Path,
+    *,
+    model=None,
+    ref_model="seed",
+    train_dataset=None,
+    eval_dataset=None,
+    peft_config=None,
+    **overrides,
+):
+    """A trainer of ``trainer_cls`` on the tiny models and data; ``ref_model="seed"``
+    builds a reference that differs from the policy (REFERENCE_SEED)."""
+    if model is None:
+        model = tiny_model(POLICY_SEED)
+    if isinstance(ref_model, str) and ref_model == "seed":
+        ref_model = tiny_model(REFERENCE_SEED)
+    with warnings.catch_warnings():
+        # TRL's notes on the byte tokenizer's prompt EOS and on an unseeded collator
+        warnings.simplefilter("ignore")
+        return trainer_cls(
+            model=model,
+            ref_model=ref_model,
+            args=config_cls(**config_kwargs(output_dir, **overrides)),
+            train_dataset=preference_dataset() if train_dataset is None else train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer(),
+            peft_config=peft_config,
+        )
+
+
+def trained(trainer_cls, config_cls, output_dir: Path, **kwargs):
+    trainer = make_trainer(trainer_cls, config_cls, output_dir, **kwargs)
+    trainer.train()
+    return trainer
+
+
+def assert_close_metrics(expected: dict, got: dict, *, skip: tuple[str, ...] = ()) -> None:
+    """The same keys, every value within RTOL (ATOL near 0), timings and ``skip`` aside."""
+    ignored = set(TIMING_KEYS) | set(skip)
+    expected_keys = {key for key in expected if key not in ignored}
+    assert expected_keys == {key for key in got if key not in ignored}
+    for key in sorted(expected_keys):
+        assert math.isclose(expected[key], got[key], rel_tol=RTOL, abs_tol=ATOL), (
+            key,
+            expected[key],
+            got[key],
+        )
+
+
+def assert_same_history(expected, got, *, skip: tuple[str, ...] = ()) -> None:
+    """Two trainers' ``state.log_history`` agree entry by entry."""
+    assert len(expected.state.log_history) == len(got.state.log_history)
+    for expected_entry, got_entry in zip(
+        expected.state.log_history, got.state.log_history, strict=True
+    ):
+        assert_close_metrics(expected_entry, got_entry, skip=skip)
+
+
+def assert_same_parameters(expected: torch.nn.Module, got: torch.nn.Module) -> None:
+    expected_parameters = dict(expected.named_parameters())
+    got_parameters = dict(got.named_parameters())
+    assert expected_parameters.keys() == got_parameters.keys()
+    for name, parameter in expected_parameters.items():
+        torch.testing.assert_close(
+            got_parameters[name], parameter, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def first_batch(trainer) -> dict:
+    """The trainer's first training batch, collated and on its device."""
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def float64_copy(model: torch.nn.Module) -> LlamaForCausalLM:
+    """A float64 copy of a tiny model, with gradients, for formulas written in the test."""
+    copy = tiny_model(POLICY_SEED)
+    copy.load_state_dict(model.state_dict())
+    return copy.double()
+
+
+def completion_scores(
+    model64: LlamaForCausalLM, batch: dict, exponent: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores [2B], sums [2B], counts [2B]) of the batch's completions in float64, from
+    the model's own full logits: s = sum / count**exponent, written out in the test."""
+    logits = model64(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["completion_mask"][:, 1:].bool()
+    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    sums = (picked * mask).sum(dim=1)
+    counts = mask.sum(dim=1).double()
+    return sums / counts**exponent, sums, counts

@@ -14,8 +14,9 @@ Rows whose target is -1 (not counted: prompt, padding, ignore_index, the last ro
 shifted segment) are not read at all; they store logprob 0.
 
 With STATS, the same pass also yields the per-token figures trainers log (TRL's entropy,
-mean logits, top-1 accuracy, log of the summed squared probabilities), from three more
-running sums kept relative to the running max m and rescaled with it as the sum is:
+mean logits, top-1 accuracy, log of the summed squared probabilities), from two more
+running sums kept relative to the running max m and rescaled with it as S is (W, Q),
+a plain sum Z and the first argmax:
 
     S = sum_v e[v],  e[v] = exp(z[v] - m)       W = sum_v e[v] (z[v] - m)
     Q = sum_v e[v]**2                            Z = sum_v z[v]
@@ -82,7 +83,7 @@ def _row_logprob_forward_kernel(
             if STATS:
                 # W and Q relative to the previous pivot, moved to the new one (docstring)
                 running_w = rescale * (running_w + (previous_pivot - pivot) * running_sum)
-                running_w += tl.sum(tl.where(e > 0, e * (z - pivot), 0.0), axis=0)
+                running_w += tl.sum(e * tl.where(e > 0, z - pivot, 0.0), axis=0)
                 running_q = running_q * rescale * rescale + tl.sum(e * e, axis=0)
                 running_z += tl.sum(tl.where(in_row, z, 0.0), axis=0)
                 # strictly greater: a tie keeps the earlier block's index, as argmax does

@@ -247,6 +247,8 @@ def _row_layout(
     if mask is not None:
         mask = _check_companion("mask", mask, rows, rows_name, "mask")
     check_int("ignore_index", ignore_index)
+    if not -(2**63) <= ignore_index < 2**63:  # the operators take it as an int64
+        fail("ignore_index", "an int64 value", ignore_index)
     check_bool("shift", shift)
 
     batch, seq_len = rows3d.shape[0], rows3d.shape[1]

@@ -61,7 +61,8 @@ def row_statistics(
     also (entropy, mean_logits, first argmax (int64), log_sum_sq_probs), as in
     kernels/forward.py.
 
-    The logsumexp is kept as m + log_sum, as in kernels/forward.py, for precision.
+    The logsumexp is kept as its two parts m and log_sum, as in kernels/forward.py, for
+    precision.
     """
     z = z.to(acc)
     row_max = z.amax(dim=-1)
@@ -74,34 +75,32 @@ def row_statistics(
     if not stats:
         return row_max, log_sum
     # -sum p log p = log S - sum e (z - m) / S; e == 0 where z == -inf, whose term is 0
-    weighted = torch.where(exps > 0, exps * shifted, 0.0).sum(dim=-1)
+    weighted = (exps * torch.where(exps > 0, shifted, 0.0)).sum(dim=-1)
     entropy = log_sum - weighted / total
     log_sum_sq = (exps * exps).sum(dim=-1).log() - 2.0 * log_sum
     return row_max, log_sum, entropy, z.mean(dim=-1), z.argmax(dim=-1), log_sum_sq
 
 
-_compiled: dict[bool, Callable | None] = {}
-
-
-def _statistics_for(device: torch.device, counted_logits: int, stats: bool) -> Callable:
-    """``row_statistics`` compiled where that pays (a CPU call of at least
-    COMPILE_MIN_LOGITS counted logits), else as it is."""
-    if device.type != "cpu" or counted_logits < COMPILE_MIN_LOGITS:
-        return row_statistics
-    if stats not in _compiled:
-        _compiled[stats] = torch.compile(row_statistics, dynamic=True)
-    return _compiled[stats] or row_statistics
+# "fn": row_statistics compiled (Dynamo guards on acc and stats, so one wrapper serves
+# all); None once compiling failed, for the rest of the process
+_compiled: dict[str, Callable | None] = {}
 
 
 def _statistics(
-    compiled: Callable, z: torch.Tensor, acc: torch.dtype, stats: bool
+    z: torch.Tensor, acc: torch.dtype, stats: bool, compiled_call: bool
 ) -> tuple[torch.Tensor, ...]:
-    if compiled is row_statistics:
+    """``row_statistics`` of one chunk; compiled when ``compiled_call`` and compiling works."""
+    if compiled_call and "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(row_statistics, dynamic=True)
+    compiled = _compiled.get("fn") if compiled_call else None
+    if compiled is None:
         return row_statistics(z, acc, stats)
     try:
         return compiled(z, acc, stats)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
     except Exception as error:  # any compiler failure: compilation is an optimization
-        _compiled[stats] = None
+        _compiled["fn"] = None
         warnings.warn(
             f"lenalign's torch backend runs its forward eagerly: torch.compile failed ({error})",
             RuntimeWarning,
@@ -122,17 +121,17 @@ def row_logprob_forward(
     batch_size, seq_len, vocab = logits3d.shape
     n_rows = batch_size * seq_len
     device = logits3d.device
-    outputs = [torch.zeros(n_rows, dtype=acc, device=device) for _ in range(3 + 4 * stats)]
-    if stats:
-        outputs[5] = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    dtypes = [acc] * 3 + ([acc, acc, torch.bool, acc] if stats else [])
+    outputs = [torch.zeros(n_rows, dtype=dtype, device=device) for dtype in dtypes]
     runs = list(_row_runs(targets, seq_len, vocab))
     counted_logits = sum(last - first for counted, _, first, last, _ in runs if counted) * vocab
-    compiled = _statistics_for(device, counted_logits, stats)
+    # compiling pays on CPU calls of at least COMPILE_MIN_LOGITS counted logits
+    compiled_call = device.type == "cpu" and counted_logits >= COMPILE_MIN_LOGITS
     for counted, batch, first, last, rows in runs:
         if not counted:
             continue
         z = logits3d[batch, first:last]
-        chunk = _statistics(compiled, z, acc, stats)
+        chunk = _statistics(z, acc, stats, compiled_call)
         chunk_targets = targets[rows]
         target = z.gather(1, chunk_targets[:, None]).squeeze(1).to(acc)
         outputs[0][rows] = (target - chunk[0]) - chunk[1]

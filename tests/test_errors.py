@@ -83,6 +83,7 @@ CASES = {
         "cu_seqlens",
     ),
     "ignore_index not int": (lambda: (_problem(), {"ignore_index": -100.0}), "ignore_index"),
+    "ignore_index beyond int64": (lambda: (_problem(), {"ignore_index": 2**70}), "ignore_index"),
     "shift not bool": (lambda: (_problem(), {"shift": 1}), "shift"),
     "return_token_logprobs not bool": (
         lambda: (_problem(), {"return_token_logprobs": "yes"}),

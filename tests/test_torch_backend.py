@@ -32,9 +32,8 @@ def _rows_with_non_finite(dtype):
 def test_compiled_statistics_equal_the_eager_ops(compiled_forward, dtype, stats):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     z = _rows_with_non_finite(dtype)
-    compiled = torch_backend._statistics_for(z.device, z.numel(), stats)
-    assert compiled is not torch_backend.row_statistics
-    got = torch_backend._statistics(compiled, z, acc, stats)
+    got = torch_backend._statistics(z, acc, stats, compiled_call=True)
+    assert torch_backend._compiled["fn"] is not None
     want = torch_backend.row_statistics(z, acc, stats)
     assert len(got) == len(want) == (6 if stats else 2)
     for g, w in zip(got, want, strict=True):
@@ -56,20 +55,26 @@ def test_compiled_forward_matches_the_float64_truth(compiled_forward):
     truth = naive_sequence_logprobs(logits, labels, mask, shift=True)
     torch.testing.assert_close(out.sum, truth[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.mean, truth[1], rtol=1e-12, atol=1e-12)
-    assert torch_backend._compiled[False] is not None
+    assert torch_backend._compiled["fn"] is not None
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_a_warning(compiled_forward, monkeypatch):
+    attempts = []
+
     def broken(*args, **kwargs):
+        attempts.append(args)
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(torch_backend, "_compiled", {False: broken})
+    monkeypatch.setattr(torch_backend, "_compiled", {"fn": broken})
+    # one-row chunks: the call walks several chunks, and only the first tries the compiler
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 11)
     logits, labels, mask = random_problem(2, 6, 11, seed=5)
     with pytest.warns(RuntimeWarning, match="runs its forward eagerly: .*no C\\+\\+ compiler"):
         out = sequence_logprobs(logits, labels, mask, backend="torch")
+    assert len(attempts) == 1
     truth = naive_sequence_logprobs(logits, labels, mask)
     torch.testing.assert_close(out.sum, truth[0], rtol=1e-12, atol=1e-12)
-    assert torch_backend._compiled[False] is None  # and eager from then on
+    assert torch_backend._compiled["fn"] is None  # and eager from then on
 
 
 def test_compiled_forward_inside_a_compiled_graph(compiled_forward):
@@ -85,4 +90,4 @@ def test_compiled_forward_inside_a_compiled_graph(compiled_forward):
     (got_grad,) = torch.autograd.grad(got, leaf)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-7)
-    assert torch_backend._compiled[False] is not None
+    assert torch_backend._compiled["fn"] is not None

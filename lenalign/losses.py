@@ -57,19 +57,21 @@ class PreferenceLossOutput(NamedTuple):
     rejected_lengths: torch.Tensor
 
 
-def _length_exponent(length_normalization: object) -> float:
-    """lambda of the score s(y) = sum / count**lambda from the user's argument."""
+def length_exponent(length_normalization: object, argument: str = "length_normalization") -> float:
+    """lambda of the score s(y) = sum / count**lambda from a ``length_normalization``
+    value: 0 for "sum", 1 for "mean", else a number in [0, 1]; ValueError naming
+    ``argument`` otherwise. The study and the TRL config parse theirs here too."""
     expected = "'sum', 'mean' or a number lambda in [0, 1]"
     if isinstance(length_normalization, str):
         if length_normalization not in NAMED_EXPONENTS:
-            fail("length_normalization", expected, repr(length_normalization))
+            fail(argument, expected, repr(length_normalization))
         return NAMED_EXPONENTS[length_normalization]
     if isinstance(length_normalization, bool) or not isinstance(length_normalization, Real):
-        fail("length_normalization", expected, type(length_normalization).__name__)
+        fail(argument, expected, type(length_normalization).__name__)
     exponent = float(length_normalization)
     # written so that NaN fails too
     if not 0.0 <= exponent <= 1.0:
-        fail("length_normalization", expected, exponent)
+        fail(argument, expected, exponent)
     return exponent
 
 
@@ -160,7 +162,7 @@ def sequence_score(
     Raises:
         ValueError: naming the argument, for a malformed ``logps`` or a lambda outside [0, 1].
     """
-    exponent = _length_exponent(length_normalization)
+    exponent = length_exponent(length_normalization)
     logps = check_logps("logps", logps)
     return _score(logps.sum, logps.count, exponent, _score_dtype(logps.sum.dtype))
 
@@ -254,7 +256,7 @@ def preference_loss(
             missing or superfluous reference, or log-probs of mismatched sizes or devices.
     """
     loss_type = check_choice("loss_type", loss_type, LOSS_TYPES)
-    exponent = _length_exponent(length_normalization)
+    exponent = length_exponent(length_normalization)
     beta, gamma, alpha, label_smoothing, sft_weight = _check_hyperparameters(
         loss_type, beta, gamma, alpha, label_smoothing, sft_weight
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import losses
 from ..checks import check_choice, check_int, fail, finite_real, positive_finite
 
 STUDY_LOSS_TYPES = ("sigmoid", "ipo")
@@ -74,16 +75,9 @@ QUICK = {
 
 
 def length_exponent(normalization: Normalization) -> float:
-    """lambda of a ``length_normalization`` value: 0 for "sum", 1 for "mean", else itself."""
-    if normalization == "sum":
-        return 0.0
-    if normalization == "mean":
-        return 1.0
-    if isinstance(normalization, bool) or not isinstance(normalization, (int, float)):
-        fail("normalizations", "'sum', 'mean' or lambda", repr(normalization))
-    if not 0.0 <= normalization <= 1.0:
-        fail("normalizations", "lambda in [0, 1]", normalization)
-    return float(normalization)
+    """lambda of a ``length_normalization`` value: 0 for "sum", 1 for "mean", else itself;
+    a bad one is named as the config field ``normalizations``."""
+    return losses.length_exponent(normalization, "normalizations")
 
 
 def normalization_label(normalization: Normalization) -> str:

@@ -11,12 +11,13 @@ defaults).
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass, field
-from numbers import Real
 
 from trl import DPOConfig
 
 from ...checks import fail, finite_real
+from ...losses import NAMED_EXPONENTS, length_exponent
 
 # DPOTrainer's loss types in trl 1.16 (DPOConfig.loss_type's help lists the same)
 TRL_LOSS_TYPES = (
@@ -43,27 +44,16 @@ LOSS_TYPES = TRL_LOSS_TYPES + LENALIGN_LOSS_TYPES
 # divide twice, so they take "sum" only
 SELF_NORMALIZED_LOSS_TYPES = ("ipo", "sigmoid_norm")
 REFERENCE_FREE_LOSS_TYPES = ("simpo",)
-NAMED_EXPONENTS = {"sum": 0.0, "mean": 1.0}
-LENGTH_NORMALIZATION_EXPECTED = "'sum', 'mean' or a number lambda in [0, 1]"
 
 
 def canonical_length_normalization(value: object) -> str | float:
     """``value`` as "sum", "mean" or a float in [0, 1]; a number written as a string (as
     HfArgumentParser passes it from the command line) becomes that float."""
-    if isinstance(value, str):
-        if value in NAMED_EXPONENTS:
-            return value
-        try:
+    if isinstance(value, str) and value not in NAMED_EXPONENTS:
+        with suppress(ValueError):
             value = float(value)
-        except ValueError:
-            fail("length_normalization", LENGTH_NORMALIZATION_EXPECTED, repr(value))
-    if isinstance(value, bool) or not isinstance(value, Real):
-        fail("length_normalization", LENGTH_NORMALIZATION_EXPECTED, repr(value))
-    exponent = float(value)
-    # written so that NaN fails too
-    if not 0.0 <= exponent <= 1.0:
-        fail("length_normalization", LENGTH_NORMALIZATION_EXPECTED, exponent)
-    return exponent
+    exponent = length_exponent(value)  # the losses' own check, with their message
+    return value if isinstance(value, str) else exponent
 
 
 @dataclass(frozen=True)
@@ -103,7 +93,7 @@ def resolve_settings(args: DPOConfig) -> LengthSettings:
     if unknown:
         fail("loss_type", f"names among {LOSS_TYPES}", unknown)
     value = canonical_length_normalization(getattr(args, "length_normalization", "sum"))
-    exponent = NAMED_EXPONENTS[value] if isinstance(value, str) else value
+    exponent = length_exponent(value)
     if exponent != 0.0:
         for name in SELF_NORMALIZED_LOSS_TYPES:
             if name in loss_types:

@@ -5,11 +5,13 @@ from .losses import PreferenceLossOutput, preference_loss, sequence_score
 from .outputs import SequenceLogProbs, TokenStats
 from .pair_batch import preference_loss_from_hidden, preference_loss_from_logits
 from .reference import reference_sequence_logprobs
+from .vocab_shard import VocabShard
 
 __all__ = [
     "PreferenceLossOutput",
     "SequenceLogProbs",
     "TokenStats",
+    "VocabShard",
     "linear_sequence_logprobs",
     "preference_loss",
     "preference_loss_from_hidden",

@@ -15,8 +15,16 @@ from .backends import select_backend
 from .checks import check_bool, check_int, fail, positive_finite
 from .function import SequenceLogProbsUnderFunc
 from .layout import RowLayout, build_layout, build_linear_layout, overlaps_itself
-from .linear_function import LinearSequenceLogProbsUnderFunc, default_chunk_rows
+from .linear_function import HeadTransform, LinearSequenceLogProbsUnderFunc, default_chunk_rows
 from .outputs import SequenceLogProbs, TokenStats
+from .sharded_api import (
+    from_dtensor,
+    is_dtensor,
+    replicated_local,
+    sharded_linear_sequence_logprobs,
+    sharded_sequence_logprobs,
+)
+from .vocab_shard import VocabShard
 
 
 def sequence_logprobs(
@@ -30,6 +38,7 @@ def sequence_logprobs(
     return_token_logprobs: bool = False,
     return_token_stats: bool = False,
     inplace_backward: bool = False,
+    vocab_shard: VocabShard | None = None,
     backend: str = "auto",
 ) -> SequenceLogProbs:
     """Per-sequence sum and mean of the label log-likelihoods, fused and memory-lean.
@@ -53,6 +62,11 @@ def sequence_logprobs(
         inplace_backward: write the gradient into the logits' own storage during the
             backward instead of a new [.., V] buffer. The logits are overwritten: do not
             use them after ``backward()``.
+        vocab_shard: vocab-parallel: this rank holds the logits of vocabulary ids
+            ``vocab_shard.start:stop`` ([.., stop - start]), the labels are global ids,
+            the same on every rank of ``vocab_shard.group``, and every rank gets the same,
+            full results (docs/distributed.md). DTensor logits placed Shard(-1) on a 1-D
+            mesh take this route by themselves, their gradient a DTensor placed alike.
         backend: "triton", "torch" or "auto" (triton where the logits live on a device
             Triton supports, else the pure-PyTorch backend).
 
@@ -65,12 +79,27 @@ def sequence_logprobs(
         ValueError: naming the argument, for wrong shapes, dtypes or devices, a label
             outside [0, V) at a counted position, or malformed ``cu_seqlens``.
     """
-    check_bool("return_token_logprobs", return_token_logprobs)
-    check_bool("return_token_stats", return_token_stats)
-    check_bool("inplace_backward", inplace_backward)
-    layout = build_layout(logits, labels, mask, ignore_index, shift, cu_seqlens)
-    if inplace_backward:
-        _check_inplace(layout.rows3d)
+    if is_dtensor(logits):
+        logits, vocab_shard = from_dtensor(logits, vocab_shard)
+        labels, mask = replicated_local("labels", labels), replicated_local("mask", mask)
+        cu_seqlens = replicated_local("cu_seqlens", cu_seqlens)
+
+    def prepare() -> tuple[RowLayout, str, int, None]:
+        check_bool("return_token_logprobs", return_token_logprobs)
+        check_bool("return_token_stats", return_token_stats)
+        check_bool("inplace_backward", inplace_backward)
+        sharded = vocab_shard is not None
+        layout = build_layout(logits, labels, mask, ignore_index, shift, cu_seqlens, sharded)
+        if inplace_backward:
+            _check_inplace(layout.rows3d)
+        return layout, select_backend(backend, logits.device), layout.rows3d.shape[-1], None
+
+    if vocab_shard is not None:
+        outputs, layout = sharded_sequence_logprobs(
+            vocab_shard, prepare, inplace_backward, return_token_stats
+        )
+        return _package(outputs[:4], outputs[4:], layout, return_token_logprobs)
+    layout, backend_name, _, _ = prepare()
     inputs = (
         layout.rows3d,
         layout.targets,
@@ -78,10 +107,11 @@ def sequence_logprobs(
         layout.shift,
         inplace_backward,
         return_token_stats,
-        select_backend(backend, logits.device),
+        backend_name,
     )
     outputs = _call(torch.ops.lenalign.sequence_logprobs, SequenceLogProbsUnderFunc, inputs)
-    return _package(outputs, layout, return_token_logprobs, return_token_stats)
+    stats = outputs[6:10] if return_token_stats else ()
+    return _package(outputs[:4], stats, layout, return_token_logprobs)
 
 
 def linear_sequence_logprobs(
@@ -99,6 +129,7 @@ def linear_sequence_logprobs(
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
     chunk_rows: int | None = None,
+    vocab_shard: VocabShard | None = None,
     backend: str = "auto",
 ) -> SequenceLogProbs:
     """``sequence_logprobs`` of ``hidden @ weight.T + bias``, without the [N, V] logits.
@@ -125,6 +156,11 @@ def linear_sequence_logprobs(
             2's ``config.final_logit_softcapping``); a finite number > 0 or None.
         chunk_rows: counted rows projected at a time; default: as many as fit 256 MiB of
             logits (1046 rows at V = 128256 in bf16).
+        vocab_shard: vocab-parallel: ``weight`` (and ``bias``) are this rank's rows
+            ``vocab_shard.start:stop`` of the head, ``hidden`` and the labels the same on
+            every rank; results as for ``sequence_logprobs``. The hidden states' gradient
+            is summed over the group when ``vocab_shard.reduce_hidden_grad``, else it is
+            this rank's part (docs/distributed.md).
 
     Returns:
         SequenceLogProbs as ``sequence_logprobs``; differentiable in ``hidden``,
@@ -136,15 +172,27 @@ def linear_sequence_logprobs(
         ValueError: naming the argument, as ``sequence_logprobs``, and for a weight or
             bias whose shape, dtype or device does not match the hidden states.
     """
-    check_bool("return_token_logprobs", return_token_logprobs)
-    check_bool("return_token_stats", return_token_stats)
-    scale = positive_finite("logit_scale", logit_scale)
-    softcap = None if logit_softcap is None else positive_finite("logit_softcap", logit_softcap)
-    if chunk_rows is not None:
-        check_int("chunk_rows", chunk_rows, minimum=1)
-    layout = build_linear_layout(
-        hidden, weight, bias, labels, mask, ignore_index, shift, cu_seqlens
-    )
+
+    def prepare() -> tuple[RowLayout, str, int, HeadTransform]:
+        check_bool("return_token_logprobs", return_token_logprobs)
+        check_bool("return_token_stats", return_token_stats)
+        scale = positive_finite("logit_scale", logit_scale)
+        softcap = None if logit_softcap is None else positive_finite("logit_softcap", logit_softcap)
+        transform = HeadTransform(scale, softcap)
+        if chunk_rows is not None:
+            check_int("chunk_rows", chunk_rows, minimum=1)
+        sharded = vocab_shard is not None
+        layout = build_linear_layout(
+            hidden, weight, bias, labels, mask, ignore_index, shift, cu_seqlens, sharded
+        )
+        return layout, select_backend(backend, hidden.device), weight.shape[0], transform
+
+    if vocab_shard is not None:
+        outputs, layout = sharded_linear_sequence_logprobs(
+            vocab_shard, prepare, weight, bias, chunk_rows, return_token_stats
+        )
+        return _package(outputs[:4], outputs[4:], layout, return_token_logprobs)
+    layout, backend_name, _, transform = prepare()
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(weight.shape[0], weight.element_size())
     # eagerly the backward keeps only the counted rows' hidden states; a compiled graph
@@ -158,16 +206,17 @@ def linear_sequence_logprobs(
         layout.cu_seqlens,
         layout.shift,
         chunk_rows,
-        scale,
-        softcap,
+        transform.scale,
+        transform.softcap,
         compact,
         return_token_stats,
-        select_backend(backend, hidden.device),
+        backend_name,
     )
     outputs = _call(
         torch.ops.lenalign.linear_sequence_logprobs, LinearSequenceLogProbsUnderFunc, inputs
     )
-    return _package(outputs, layout, return_token_logprobs, return_token_stats)
+    stats = outputs[6:10] if return_token_stats else ()
+    return _package(outputs[:4], stats, layout, return_token_logprobs)
 
 
 def _call(operator: Callable, under_func: type[torch.autograd.Function], inputs: tuple) -> tuple:
@@ -194,14 +243,11 @@ def _check_inplace(logits3d: torch.Tensor) -> None:
 
 
 def _package(
-    outputs: tuple, layout: RowLayout, return_token_logprobs: bool, return_token_stats: bool
+    outputs: tuple, stats: tuple, layout: RowLayout, return_token_logprobs: bool
 ) -> SequenceLogProbs:
-    """The user's SequenceLogProbs of an operator's outputs: (sum, mean, count,
-    token_logprobs, row_max, log_sum, the four statistics, [anything else])."""
-    seq_sum, seq_mean, seq_count, token_logprobs = outputs[:4]
-    stats = None
-    if return_token_stats:
-        stats = TokenStats(*(values.reshape(layout.label_shape) for values in outputs[6:10]))
+    """The user's SequenceLogProbs of an operator's (sum, mean, count, token_logprobs) and
+    the four statistics (empty when not asked for)."""
+    seq_sum, seq_mean, seq_count, token_logprobs = outputs
     return SequenceLogProbs(
         sum=seq_sum,
         mean=seq_mean,
@@ -209,5 +255,7 @@ def _package(
         token_logprobs=token_logprobs.reshape(layout.label_shape)
         if return_token_logprobs
         else None,
-        token_stats=stats,
+        token_stats=TokenStats(*(values.reshape(layout.label_shape) for values in stats))
+        if stats
+        else None,
     )

@@ -134,13 +134,18 @@ def row_targets(
         segment_start[cu_seqlens[:-1][lengths > 0]] = True
         counted &= ~segment_start
 
-    out_of_range = counted & ((flat_labels < 0) | (flat_labels >= vocab))
+    # vocab < 0: the vocabulary is split over ranks (vocab_shard.agree checks the top)
+    out_of_range = flat_labels < 0
+    if vocab >= 0:
+        out_of_range |= flat_labels >= vocab
+    out_of_range &= counted
     if bool(out_of_range.any()):
         position = int(torch.nonzero(out_of_range)[0, 0])
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(position), labels.shape))
+        expected = f"in [0, {vocab})" if vocab >= 0 else ">= 0"
         fail(
             "labels",
-            f"values in [0, {vocab}) at counted positions (or ignore_index={ignore_index})",
+            f"values {expected} at counted positions (or ignore_index={ignore_index})",
             f"{int(flat_labels[position])} at position {index}",
         )
 
@@ -171,10 +176,15 @@ def build_layout(
     ignore_index: int,
     shift: bool,
     cu_seqlens: object,
+    sharded: bool = False,
 ) -> RowLayout:
-    """Validate the arguments of ``sequence_logprobs`` and normalize them to a RowLayout."""
+    """Validate the arguments of ``sequence_logprobs`` and normalize them to a RowLayout.
+
+    ``sharded``: the logits hold one rank's slice of the vocabulary (possibly empty), so
+    the labels' upper bound is checked by ``vocab_shard.agree``, not here.
+    """
     logits = _check_rows("logits", logits, cu_seqlens is not None, "V")
-    if logits.shape[-1] < 1:
+    if logits.shape[-1] < 1 and not sharded:
         fail("logits", "a vocabulary dimension of size >= 1", tuple(logits.shape))
     vocab = logits.shape[-1]
     # only a non-unit vocab stride forces a copy; row strides stay as they are
@@ -182,7 +192,15 @@ def build_layout(
     if logits3d.stride(-1) != 1 and vocab > 1:
         logits3d = logits3d.contiguous()
     return _row_layout(
-        logits, logits3d, "logits", vocab, labels, mask, ignore_index, shift, cu_seqlens
+        logits,
+        logits3d,
+        "logits",
+        -1 if sharded else vocab,
+        labels,
+        mask,
+        ignore_index,
+        shift,
+        cu_seqlens,
     )
 
 
@@ -195,15 +213,21 @@ def build_linear_layout(
     ignore_index: int,
     shift: bool,
     cu_seqlens: object,
+    sharded: bool = False,
 ) -> RowLayout:
-    """Validate the arguments of ``linear_sequence_logprobs``; rows are the hidden states."""
+    """Validate the arguments of ``linear_sequence_logprobs``; rows are the hidden states.
+
+    ``sharded``: the weight holds one rank's rows of the head (possibly none), as for
+    ``build_layout``.
+    """
     hidden = _check_rows("hidden", hidden, cu_seqlens is not None, "H")
     features = hidden.shape[-1]
     weight = check_tensor("weight", weight)
-    if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] != features:
+    least = 0 if sharded else 1
+    if weight.dim() != 2 or weight.shape[0] < least or weight.shape[1] != features:
         fail(
             "weight",
-            f"shape [V, {features}] with V >= 1 (H = hidden.shape[-1])",
+            f"shape [V, {features}] with V >= {least} (H = hidden.shape[-1])",
             tuple(weight.shape),
         )
     if weight.dtype != hidden.dtype:
@@ -223,7 +247,15 @@ def build_linear_layout(
             )
     hidden3d = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
     return _row_layout(
-        hidden, hidden3d, "hidden", vocab, labels, mask, ignore_index, shift, cu_seqlens
+        hidden,
+        hidden3d,
+        "hidden",
+        -1 if sharded else vocab,
+        labels,
+        mask,
+        ignore_index,
+        shift,
+        cu_seqlens,
     )
 
 

@@ -133,7 +133,11 @@ def row_logprob_forward(
         z = logits3d[batch, first:last]
         chunk = _statistics(z, acc, stats, compiled_call)
         chunk_targets = targets[rows]
-        target = z.gather(1, chunk_targets[:, None]).squeeze(1).to(acc)
+        # a label held by another rank's vocab shard (vocab_shard.OUTSIDE_SHARD) has no
+        # logit here: it contributes 0, and the rank holding it supplies the logit
+        inside = chunk_targets < vocab
+        label = torch.where(inside, chunk_targets, 0)[:, None]
+        target = torch.where(inside, z.gather(1, label).squeeze(1).to(acc), 0.0)
         outputs[0][rows] = (target - chunk[0]) - chunk[1]
         outputs[1][rows], outputs[2][rows] = chunk[0], chunk[1]
         if stats:
@@ -170,9 +174,13 @@ def row_logprob_backward(
         work = out if grad.dtype == acc else torch.empty(out.shape, dtype=acc, device=out.device)
         torch.sub(z, row_max[rows, None], out=work)
         prob = work.sub_(log_sum[rows, None]).exp_()
-        label = targets[rows, None]
+        chunk_targets = targets[rows, None]
+        inside = chunk_targets < vocab  # else the label is in another vocab shard
+        label = torch.where(inside, chunk_targets, 0)
         chunk_coef = coef[rows, None]
-        label_grad = chunk_coef * (1.0 - prob.gather(1, label))
+        label_prob = prob.gather(1, label)
+        # outside the shard, column 0 is written back as the -c * p it is anyway
+        label_grad = torch.where(inside, chunk_coef * (1.0 - label_prob), -chunk_coef * label_prob)
         prob.mul_(-chunk_coef).scatter_(1, label, label_grad)
         if work is not out:
             out.copy_(work)

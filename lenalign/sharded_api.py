@@ -1,0 +1,140 @@
+"""The entries' vocab-parallel route: ``vocab_shard=`` given, or DTensor logits.
+
+Every check of the inputs runs on every rank before any collective, and its outcome is
+agreed over the group (``vocab_shard.agree``): a bad input raises the same way on all
+ranks instead of leaving some waiting in an all-reduce. The route runs eagerly (under
+``torch.compile`` it is a graph break): its collectives and host reads are not traced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .checks import fail
+from .layout import RowLayout
+from .linear_function import HeadTransform, default_chunk_rows
+from .vocab_parallel import ShardedLinearSequenceLogProbs, ShardedSequenceLogProbs
+from .vocab_shard import VocabShard, agree, chunk_bounds, group_rank
+
+
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a torch.distributed DTensor (without importing it needlessly)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def from_dtensor(logits: Any, vocab_shard: object) -> tuple[torch.Tensor, VocabShard | None]:
+    """(local logits, their VocabShard) of DTensor logits.
+
+    Shard(-1) on a 1-D mesh (ColwiseParallel with ``use_local_output=False``) is the
+    vocab-parallel case; Replicate needs no communication (the local tensor is whole).
+    Any other placement would need the logits moved between ranks first: refused. The
+    local view is differentiable, so the gradient comes back as a DTensor placed as
+    the logits are.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    if vocab_shard is not None:
+        fail("vocab_shard", "None with DTensor logits (their placement says the shard)", "both")
+    mesh, placements = logits.device_mesh, tuple(logits.placements)
+    if mesh.ndim == 1 and placements == (Replicate(),):
+        return logits.to_local(), None
+    if mesh.ndim != 1 or placements != (Shard(logits.ndim - 1),):
+        fail(
+            "logits",
+            "a DTensor placed Shard(-1) (vocab-parallel) or Replicate() on a 1-D mesh",
+            f"placements {placements} on a {mesh.ndim}-D mesh",
+        )
+    group = mesh.get_group()
+    start, stop = chunk_bounds(logits.shape[-1], mesh.size(), mesh.get_local_rank())
+    return logits.to_local(), VocabShard(start, stop, group)
+
+
+def replicated_local(argument: str, value: object) -> object:
+    """The local tensor of a replicated DTensor companion (labels, mask, ...), or ``value``."""
+    if not is_dtensor(value):
+        return value
+    from torch.distributed.tensor import Replicate
+
+    if any(placement != Replicate() for placement in value.placements):
+        fail(argument, "a tensor, or a DTensor placed Replicate()", tuple(value.placements))
+    return value.to_local()
+
+
+# what an entry's validation returns: (layout, backend name, local vocabulary width, and
+# the linear entry's HeadTransform)
+Prepared = tuple[RowLayout, str, int, HeadTransform | None]
+
+
+def _agreed(shard: object, rows_name: str, prepare: Callable[[], Prepared]) -> tuple:
+    """``prepare()``'s values and the Agreement, once every rank agrees its inputs are
+    sound; else the same ValueError on every rank."""
+    if not isinstance(shard, VocabShard):
+        fail("vocab_shard", "a lenalign.VocabShard or None", type(shard).__name__)
+    group_rank(shard.group)
+    prepared, error = None, None
+    try:
+        prepared = prepare()
+    except ValueError as caught:
+        error = caught
+    if prepared is None:
+        agree(shard, None, None, None, error, rows_name)  # raises on every rank
+    layout, _, width, _ = prepared
+    return (*prepared, agree(shard, width, layout.targets, layout.cu_seqlens, None, rows_name))
+
+
+@torch.compiler.disable
+def sharded_sequence_logprobs(
+    shard: object, prepare: Callable[[], Prepared], inplace_backward: bool, stats: bool
+) -> tuple[tuple[torch.Tensor, ...], RowLayout]:
+    """(sum, mean, count, token_logprobs, *four statistics if ``stats``), and the layout,
+    of this rank's [.., V_shard] logits; ``prepare`` validates the entry's arguments."""
+    layout, backend, _, _, agreement = _agreed(shard, "logits", prepare)
+    outputs = ShardedSequenceLogProbs.apply(
+        layout.rows3d,
+        layout.targets,
+        layout.cu_seqlens,
+        layout.shift,
+        inplace_backward,
+        stats,
+        backend,
+        shard,
+        agreement,
+    )
+    return outputs, layout
+
+
+@torch.compiler.disable
+def sharded_linear_sequence_logprobs(
+    shard: object,
+    prepare: Callable[[], Prepared],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    chunk_rows: int | None,
+    stats: bool,
+) -> tuple[tuple[torch.Tensor, ...], RowLayout]:
+    """As ``sharded_sequence_logprobs``, from this rank's rows ``weight`` of the LM head."""
+    layout, backend, _, transform, agreement = _agreed(shard, "weight", prepare)
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(max(weight.shape[0], 1), weight.element_size())
+    outputs = ShardedLinearSequenceLogProbs.apply(
+        layout.rows3d,
+        weight,
+        bias,
+        layout.targets,
+        layout.cu_seqlens,
+        layout.shift,
+        chunk_rows,
+        transform,
+        stats,
+        backend,
+        shard,
+        agreement,
+    )
+    return outputs, layout

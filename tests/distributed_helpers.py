@@ -69,9 +69,7 @@ def _child(
             torch.distributed.destroy_process_group()
 
 
-def run_world(
-    worker: Callable, world_size: int, *args: Any, timeout: float = 180.0
-) -> list[Any]:
+def run_world(worker: Callable, world_size: int, *args: Any, timeout: float = 180.0) -> list[Any]:
     """``worker(rank, world_size, *args)`` on ``world_size`` gloo processes; their results."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
@@ -119,6 +117,4 @@ def run_world(
     failures = [f"rank {r}:\n{payload}" for r, (ok, payload) in sorted(received.items()) if not ok]
     if failures:
         raise AssertionError("\n".join(failures))
-    return [
-        torch.load(io.BytesIO(received[r][1]), weights_only=False) for r in range(world_size)
-    ]
+    return [torch.load(io.BytesIO(received[r][1]), weights_only=False) for r in range(world_size)]

@@ -12,14 +12,13 @@ from collections.abc import Callable
 import torch
 
 from .backends import select_backend
-from .checks import check_bool, check_int, fail, positive_finite
+from .checks import check_bool, check_int, fail, is_dtensor, positive_finite
 from .function import SequenceLogProbsUnderFunc
 from .layout import RowLayout, build_layout, build_linear_layout, overlaps_itself
 from .linear_function import HeadTransform, LinearSequenceLogProbsUnderFunc, default_chunk_rows
 from .outputs import SequenceLogProbs, TokenStats
 from .sharded_api import (
     from_dtensor,
-    is_dtensor,
     replicated_local,
     sharded_linear_sequence_logprobs,
     sharded_sequence_logprobs,

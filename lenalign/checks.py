@@ -27,6 +27,22 @@ def check_tensor(argument: str, value: object) -> torch.Tensor:
     return value
 
 
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a torch.distributed DTensor (importing DTensor only if it can be)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def check_local(argument: str, value: torch.Tensor, hint: str) -> torch.Tensor:
+    """``value`` itself unless it is a DTensor, which the caller must not pass (``hint``)."""
+    if is_dtensor(value):
+        fail(argument, f"a torch.Tensor, not a DTensor ({hint})", f"placements {value.placements}")
+    return value
+
+
 def check_bool(argument: str, value: object) -> bool:
     """``value`` itself if it is a bool (not merely truthy)."""
     if not isinstance(value, bool):

@@ -18,10 +18,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_bool, check_int, check_tensor, fail
+from .checks import check_bool, check_int, check_local, check_tensor, fail
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+# an FSDP2-sharded head is a Shard(0) DTensor outside its module's forward, as a
+# tensor-parallel one is: which it is cannot be told from the tensor, so neither is guessed
+_SHARDED_HEAD_HINT = (
+    "an FSDP2-sharded LM head read outside its module's forward: score it through "
+    "lenalign.distributed.head_logprobs or causal_lm_logprobs, which gather it; a "
+    "vocab-split head: pass weight.to_local() with vocab_shard= (docs/distributed.md)"
+)
 
 
 @dataclass(frozen=True)
@@ -222,7 +231,7 @@ def build_linear_layout(
     """
     hidden = _check_rows("hidden", hidden, cu_seqlens is not None, "H")
     features = hidden.shape[-1]
-    weight = check_tensor("weight", weight)
+    weight = check_local("weight", check_tensor("weight", weight), _SHARDED_HEAD_HINT)
     least = 0 if sharded else 1
     if weight.dim() != 2 or weight.shape[0] < least or weight.shape[1] != features:
         fail(
@@ -236,7 +245,7 @@ def build_linear_layout(
         fail("weight", f"device {hidden.device} (the device of hidden)", weight.device)
     vocab = weight.shape[0]
     if bias is not None:
-        bias = check_tensor("bias", bias)
+        bias = check_local("bias", check_tensor("bias", bias), _SHARDED_HEAD_HINT)
         if tuple(bias.shape) != (vocab,):
             fail("bias", f"shape ({vocab},) (weight.shape[0]) or None", tuple(bias.shape))
         if bias.dtype != hidden.dtype or bias.device != hidden.device:

@@ -13,20 +13,11 @@ from typing import Any
 
 import torch
 
-from .checks import fail
+from .checks import fail, is_dtensor
 from .layout import RowLayout
 from .linear_function import HeadTransform, default_chunk_rows
 from .vocab_parallel import ShardedLinearSequenceLogProbs, ShardedSequenceLogProbs
 from .vocab_shard import VocabShard, agree, chunk_bounds, group_rank
-
-
-def is_dtensor(value: object) -> bool:
-    """Whether ``value`` is a torch.distributed DTensor (without importing it needlessly)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(value, DTensor)
 
 
 def from_dtensor(logits: Any, vocab_shard: object) -> tuple[torch.Tensor, VocabShard | None]:

@@ -42,7 +42,7 @@ def test_wheel_ships_lenalign_kernels_and_imports(tmp_path):
     assert "lenalign/kernels/backward.py" in names
     assert not any(name.startswith("kernels/") for name in names)
     # every wing ships, and so does the marker that makes type checkers read the hints
-    for wing in ("integrations", "train", "study", "bench"):
+    for wing in ("integrations", "distributed", "train", "study", "bench"):
         assert f"lenalign/{wing}/__init__.py" in names
     assert "lenalign/py.typed" in names
     (metadata,) = (name for name in names if name.endswith(".dist-info/METADATA"))

@@ -24,7 +24,9 @@ def test_the_trainer_package_still_exposes_train_config_and_train():
     assert train.__module__ == "lenalign.train.loop"
 
 
-@pytest.mark.parametrize("wing", ["lenalign.train", "lenalign.study", "lenalign.integrations"])
+@pytest.mark.parametrize(
+    "wing", ["lenalign.train", "lenalign.study", "lenalign.integrations", "lenalign.distributed"]
+)
 def test_every_public_name_resolves(wing):
     module = importlib.import_module(wing)
     for name in module.__all__:
@@ -52,7 +54,8 @@ def imported_after(statement: str) -> set[str]:
 def test_import_lenalign_does_not_import_transformers_or_the_wings():
     modules = imported_after("import lenalign")
     assert "transformers" not in modules
-    assert not {"lenalign.train", "lenalign.study", "lenalign.integrations"} & modules
+    wings = {"lenalign.train", "lenalign.study", "lenalign.integrations", "lenalign.distributed"}
+    assert not wings & modules
 
 
 def test_the_study_figure_redraws_without_the_trainer():

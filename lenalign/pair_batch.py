@@ -19,6 +19,7 @@ from .losses import (
     split_pairs,
 )
 from .outputs import SequenceLogProbs
+from .vocab_shard import VocabShard
 
 
 def preference_loss_from_logits(
@@ -28,6 +29,7 @@ def preference_loss_from_logits(
     ref_logps: SequenceLogProbs | None = None,
     *,
     shift: bool = True,
+    vocab_shard: VocabShard | None = None,
     backend: str = "auto",
     loss_type: str = "sigmoid",
     **loss_kwargs: Any,
@@ -47,7 +49,8 @@ def preference_loss_from_logits(
             same layout; None for "simpo".
         shift: Hugging Face causal-LM convention: the label at position t is scored with
             the logits at t - 1 (the default, as for raw ``model(...).logits``).
-        backend: "auto", "triton" or "torch", forwarded to ``sequence_logprobs``.
+        vocab_shard, backend: forwarded to ``sequence_logprobs`` (vocab-parallel logits:
+            ``vocab_shard``; every rank gets the same loss).
         loss_type: as in ``preference_loss``.
         **loss_kwargs: the other keyword arguments of ``preference_loss`` (beta,
             length_normalization, gamma, alpha, label_smoothing, sft_weight).
@@ -61,7 +64,9 @@ def preference_loss_from_logits(
             and everything ``sequence_logprobs`` and ``preference_loss`` refuse.
     """
     loss_type, ref_logps = _check_pair_batch("logits", logits, "V", loss_type, ref_logps)
-    policy = sequence_logprobs(logits, labels, mask, shift=shift, backend=backend)
+    policy = sequence_logprobs(
+        logits, labels, mask, shift=shift, vocab_shard=vocab_shard, backend=backend
+    )
     return _pair_loss(policy, ref_logps, loss_type, loss_kwargs)
 
 
@@ -77,6 +82,7 @@ def preference_loss_from_hidden(
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
     chunk_rows: int | None = None,
+    vocab_shard: VocabShard | None = None,
     backend: str = "auto",
     loss_type: str = "sigmoid",
     **loss_kwargs: Any,
@@ -91,7 +97,8 @@ def preference_loss_from_hidden(
         weight: [V, H] LM-head weight; ``bias``: optional [V] LM-head bias.
         labels, mask, ref_logps, shift, backend, loss_type, **loss_kwargs: as for
             ``preference_loss_from_logits``.
-        logit_scale, logit_softcap, chunk_rows: as for ``linear_sequence_logprobs``.
+        logit_scale, logit_softcap, chunk_rows, vocab_shard: as for
+            ``linear_sequence_logprobs`` (``weight`` and ``bias`` then this rank's rows).
 
     Returns:
         PreferenceLossOutput, the loss differentiable in ``hidden``, ``weight`` and
@@ -112,6 +119,7 @@ def preference_loss_from_hidden(
         logit_scale=logit_scale,
         logit_softcap=logit_softcap,
         chunk_rows=chunk_rows,
+        vocab_shard=vocab_shard,
         backend=backend,
     )
     return _pair_loss(policy, ref_logps, loss_type, loss_kwargs)

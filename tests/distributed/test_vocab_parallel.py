@@ -148,9 +148,27 @@ def _determinism(rank: int, world: int) -> list[torch.Tensor]:
     return runs
 
 
+def _pair_losses(rank: int, world: int) -> tuple[torch.Tensor, ...]:
+    """SimPO from vocab-parallel logits and head rows; its gradient of this rank's slice."""
+    logits, labels, mask, _ = problem(11, False, seed=5)
+    hidden, weight, _bias, _, _ = head_problem(seed=6)
+    shard = VocabShard.from_vocab(11)
+    local = logits[..., shard.start : shard.stop].clone().requires_grad_()
+    from_logits = lenalign.preference_loss_from_logits(
+        local, labels, mask, vocab_shard=shard, loss_type="simpo", length_normalization="mean"
+    )
+    from_logits.loss.backward()
+    from_hidden = lenalign.preference_loss_from_hidden(
+        hidden, weight[shard.start : shard.stop], labels, mask, vocab_shard=shard,
+        loss_type="simpo",
+    )  # fmt: skip
+    return from_logits.loss, local.grad, from_hidden.loss
+
+
 def worker(rank: int, world: int) -> dict:
     """Everything a rank computes, for the parent to check."""
     return {
+        "pair losses": _pair_losses(rank, world),
         "logits": _logits_results(rank, world),
         "linear": _linear_results(rank, world) if world == 2 else {},
         "determinism": _determinism(rank, world),
@@ -270,3 +288,23 @@ def test_linear_matches_single_process_float64(world_results):
         # each rank's own part: they sum to the full gradient, and none is it alone
         torch.testing.assert_close(sum(hidden_parts), leaves[0].grad, rtol=1e-10, atol=1e-10)
         assert not torch.allclose(hidden_parts[0], leaves[0].grad)
+
+
+def test_pair_losses_from_vocab_parallel_inputs(world_results):
+    world, ranks = world_results
+    logits, labels, mask, _ = problem(11, False, seed=5)
+    hidden, weight, _bias, _, _ = head_problem(seed=6)
+    full = logits.clone().requires_grad_()
+    expected = lenalign.preference_loss_from_logits(
+        full, labels, mask, loss_type="simpo", length_normalization="mean"
+    )
+    expected.loss.backward()
+    from_hidden = lenalign.preference_loss_from_hidden(
+        hidden, weight, labels, mask, loss_type="simpo"
+    ).loss
+    for rank in range(world):
+        loss, local_grad, hidden_loss = ranks[rank]["pair losses"]
+        start, stop = chunk_bounds(11, world, rank)
+        torch.testing.assert_close(loss, expected.loss, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(local_grad, full.grad[..., start:stop], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(hidden_loss, from_hidden, rtol=1e-10, atol=1e-10)

@@ -10,6 +10,7 @@ from distributed_helpers import run_world
 from helpers import naive_sequence_logprobs, upstream_gradients, weighted_objective
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 import lenalign
 from lenalign import VocabShard
@@ -43,6 +44,17 @@ def _dtensor(rank: int, world: int) -> dict:
             isinstance(grad, DTensor) and tuple(grad.placements) == (placement,),
             grad.full_tensor(),
         )
+    # torch's own tensor parallelism: a ColwiseParallel head hands back Shard(-1) logits
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 4, 3, generator=generator, dtype=torch.float64)
+    head = torch.nn.Linear(3, VOCAB, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(VOCAB, 3, generator=generator, dtype=torch.float64))
+        head.bias.copy_(torch.randn(VOCAB, generator=generator, dtype=torch.float64))
+    parallelize_module(head, mesh, ColwiseParallel(use_local_output=False))
+    result = lenalign.sequence_logprobs(head(hidden), labels, shift=True, backend="torch")
+    result.mean.sum().backward()
+    out["colwise"] = (result.mean, head.weight.grad.full_tensor(), head.bias.grad.full_tensor())
     try:
         lenalign.sequence_logprobs(distribute_tensor(logits, mesh, [Shard(0)]), labels)
     except ValueError as error:
@@ -182,6 +194,18 @@ def test_dtensor_logits_match_truth_and_keep_their_placement(ranks):
             assert placed, name
             torch.testing.assert_close(grad, full.grad, rtol=1e-10, atol=1e-10)
         assert rank["dtensor"]["wrong placement"].startswith("logits: expected a DTensor placed")
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 4, 3, generator=generator, dtype=torch.float64)
+    weight = torch.randn(VOCAB, 3, generator=generator, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(VOCAB, generator=generator, dtype=torch.float64).requires_grad_()
+    head_logits = hidden @ weight.T + bias
+    expected_mean = naive_sequence_logprobs(head_logits, labels, shift=True)[1]
+    expected_mean.sum().backward()
+    for rank in ranks:
+        mean, grad_weight, grad_bias = rank["dtensor"]["colwise"]
+        torch.testing.assert_close(mean, expected_mean, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad_weight, weight.grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad_bias, bias.grad, rtol=1e-10, atol=1e-10)
 
 
 def test_gradcheck_float64_of_the_sharded_operators(ranks):

@@ -56,7 +56,9 @@ def default_chunk_rows(vocab: int, element_size: int) -> int:
     return max(1, CHUNK_LOGIT_BYTES // (vocab * element_size))
 
 
-def _head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def head_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """Logits h W^T + b in the inputs' dtype. Autocast is off: the backward recomputes
     these logits, and must get the same bits as the forward whatever context it runs in."""
     with torch.autocast(device_type=hidden.device.type, enabled=False):
@@ -108,12 +110,12 @@ def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     total.addmm_(a.to(total.dtype), b.to(total.dtype))
 
 
-def _counted_rows(targets: torch.Tensor) -> torch.Tensor:
+def counted_row_indices(targets: torch.Tensor) -> torch.Tensor:
     """[M] flat indices of the counted rows, in order."""
     return torch.nonzero(targets >= 0).flatten()
 
 
-def _gather(hidden3d: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def gather_rows(hidden3d: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """[M, H] hidden states of flat rows ``rows`` of a [B, T, H] tensor (a copy)."""
     seq_len = hidden3d.shape[1]
     return hidden3d[rows // seq_len, rows % seq_len]
@@ -154,9 +156,9 @@ def linear_sequence_logprobs_op(
     transform = HeadTransform(scale, softcap)
     acc = accumulate_dtype(hidden3d.dtype)
     n_rows = targets.numel()
-    counted_rows = _counted_rows(targets)
+    counted_rows = counted_row_indices(targets)
     # the counted rows' hidden states, gathered once: [M, H], small beside the logits
-    hidden_counted = _gather(hidden3d, counted_rows)
+    hidden_counted = gather_rows(hidden3d, counted_rows)
     targets_counted = targets[counted_rows]
     row_max = torch.zeros(n_rows, dtype=acc, device=hidden3d.device)
     log_sum = torch.zeros_like(row_max)
@@ -169,7 +171,7 @@ def linear_sequence_logprobs_op(
     for start in range(0, counted_rows.numel(), chunk_rows):
         rows = counted_rows[start : start + chunk_rows]
         logits, _ = transform.forward(
-            _head(hidden_counted[start : start + chunk_rows], weight, bias)
+            head_logits(hidden_counted[start : start + chunk_rows], weight, bias)
         )
         chunk = kernels.row_logprob_forward(
             logits.unsqueeze(0), targets_counted[start : start + chunk_rows], acc, stats=stats
@@ -222,8 +224,8 @@ def linear_sequence_logprobs_backward(
     kernels = backend_kernels(backend)
     transform = HeadTransform(scale, softcap)
     need_hidden, need_weight, need_bias = needs_grad
-    counted_rows = _counted_rows(targets)
-    hidden_counted = hidden if compact else _gather(hidden, counted_rows)
+    counted_rows = counted_row_indices(targets)
+    hidden_counted = hidden if compact else gather_rows(hidden, counted_rows)
     coef_counted = coef[counted_rows]
     targets_counted = targets[counted_rows]
     row_max, log_sum = row_max[counted_rows], log_sum[counted_rows]
@@ -241,7 +243,7 @@ def linear_sequence_logprobs_backward(
     no_autocast = torch.autocast(device_type=weight.device.type, enabled=False)
     for start in chunks:
         rows = slice(start, start + chunk_rows)
-        logits, capped = transform.forward(_head(hidden_counted[rows], weight, bias))
+        logits, capped = transform.forward(head_logits(hidden_counted[rows], weight, bias))
         kernels.row_logprob_backward(
             logits.unsqueeze(0),
             targets_counted[rows],

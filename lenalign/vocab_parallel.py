@@ -41,7 +41,7 @@ import torch.distributed as dist
 from .backends import backend_kernels
 from .function import row_coefficients
 from .layout import accumulate_dtype, rows_to_labels
-from .linear_function import HeadTransform, _counted_rows, _gather, _head
+from .linear_function import HeadTransform, counted_row_indices, gather_rows, head_logits
 from .vocab_shard import Agreement, VocabShard, local_targets
 
 
@@ -194,15 +194,15 @@ class ShardedLinearSequenceLogProbs(torch.autograd.Function):
         kernels = backend_kernels(backend)
         acc = accumulate_dtype(hidden3d.dtype)
         local = local_targets(targets, shard)
-        counted_rows = _counted_rows(targets)
-        hidden_counted = _gather(hidden3d, counted_rows)
+        counted_rows = counted_row_indices(targets)
+        hidden_counted = gather_rows(hidden3d, counted_rows)
         n_rows = targets.numel()
         parts = None
         label_logit = torch.zeros(n_rows, dtype=acc, device=hidden3d.device)
         for start in range(0, counted_rows.numel(), chunk_rows):
             rows = counted_rows[start : start + chunk_rows]
             logits, _ = transform.forward(
-                _head(hidden_counted[start : start + chunk_rows], weight, bias)
+                head_logits(hidden_counted[start : start + chunk_rows], weight, bias)
             )
             chunk = _local_statistics(kernels, logits.unsqueeze(0), local[rows], acc, stats)
             if parts is None:  # uncounted rows: as the kernels leave them
@@ -261,7 +261,7 @@ class ShardedLinearSequenceLogProbs(torch.autograd.Function):
         if needs[0] and shard.reduce_hidden_grad:
             # only the counted rows carry gradient: all-reduce those [M, H], not [B, T, H]
             flat = grad_hidden.view(-1, hidden_shape[-1])
-            counted_rows = _counted_rows(targets)
+            counted_rows = counted_row_indices(targets)
             part = flat[counted_rows]
             dist.all_reduce(part, op=dist.ReduceOp.SUM, group=shard.group)
             flat[counted_rows] = part

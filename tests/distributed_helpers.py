@@ -14,7 +14,10 @@ import io
 import multiprocessing
 import os
 import queue
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -23,8 +26,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+# the variables torchrun sets for its workers: an outer launcher's would make a child
+# launch join the wrong group
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
 # a collective that waits longer than this raises inside the worker
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
@@ -43,6 +51,45 @@ def loopback_environment() -> dict[str, str]:
         "MASTER_ADDR": "127.0.0.1",
         "OMP_NUM_THREADS": "1",
     }
+
+
+def child_environment() -> dict[str, str]:
+    """The environment of a child interpreter: offline, this checkout importable, gloo on
+    the loopback interface, no outer torchrun's variables."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **loopback_environment())
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), env.get("PYTHONPATH")]))
+    for name in TORCHRUN_VARIABLES:
+        env.pop(name, None)
+    return env
+
+
+def torchrun_command(world_size: int, *script: str) -> list[str]:
+    """``python -m torch.distributed.run`` of ``script`` on ``world_size`` local ranks."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world_size}",
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}", *script,
+    ]  # fmt: skip
+
+
+def run_bounded(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` in ``child_environment()``, its output in ``stdout``; one still
+    running after ``timeout`` seconds is killed with every process it started (it runs
+    in a session of its own) and fails the test."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=child_environment(),
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output = process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate()[0]
+        pytest.fail(f"{command[1:4]} still runs after {timeout:.0f} s:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, output)
 
 
 def _child(

@@ -19,7 +19,11 @@ The modules, each with one concern:
 - ``evaluate``: ``evaluate_preferences``, ``generate_greedy`` (``Generation``),
   ``generation_metrics``.
 - ``checkpoint``: ``find_checkpoint``, ``save_checkpoint``, ``load_checkpoint``.
-- ``loop``: ``train``, ``TrainResult``, ``load_model``, ``limited_threads``.
+- ``loop``: ``train``, ``TrainResult``.
+- ``models``: ``load_model``, ``limited_threads``, the optimizer, device and precision.
+- ``metrics``: the training lines of metrics.jsonl.
+- ``parallel`` and ``sharding``: ``distributed`` runs under torchrun: the ranks
+  (``World``), and the policy under DDP or FSDP2 (``ParallelPolicy``).
 - ``tiny`` and ``task``: the embedded model (``build_tiny_llama``,
   ``build_byte_tokenizer``) and the embedded case task (``make_case_pairs``,
   ``case_task_score``).
@@ -43,7 +47,8 @@ from .data import (
 )
 from .dataset import PreferenceData, load_pairs, micro_batch_indices
 from .evaluate import Generation, evaluate_preferences, generate_greedy, generation_metrics
-from .loop import TrainResult, limited_threads, load_model, train
+from .loop import TrainResult, train
+from .models import limited_threads, load_model
 from .step import batch_loss, completion_logprobs, forward_outputs, precompute_reference
 from .task import case_task_answer, case_task_score, make_case_pairs
 from .tiny import build_byte_tokenizer, build_tiny_llama

@@ -1,7 +1,8 @@
 """``lenalign train``: one flag per ``TrainConfig`` field, and ``--config`` for a file.
 
 Values come from the defaults, then the config file, then the flags. Also runs as
-``python -m lenalign.train.cli``.
+``python -m lenalign.train.cli``, and on several processes as ``torchrun
+--nproc-per-node N -m lenalign.cli train --distributed ddp|fsdp ...``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 from .checkpoint import METRICS_FILE
 from .config import TrainConfig
-from .loop import format_metrics, train
+from .loop import train
+from .metrics import format_metrics
 
 
 def _parse_length_normalization(text: str) -> str | float:
@@ -79,6 +81,8 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as error:
         print(f"lenalign train: error: {error}", file=sys.stderr)
         return 2
+    if result.rank != 0:
+        return 0  # under torchrun, rank 0 prints the summary for all
     print(f"done: {result.step} steps in {result.seconds:.0f} s")
     if result.train_log:
         first, last = result.train_log[0], result.train_log[-1]

@@ -20,6 +20,8 @@ from ..losses import LOSS_TYPES, REFERENCE_LOSS_TYPES, preference_loss
 from ..outputs import SequenceLogProbs
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# "none": one process; "ddp" and "fsdp": one process per rank, launched by torchrun
+DISTRIBUTED_MODES = ("none", "ddp", "fsdp")
 
 
 def _option(default: Any, help_text: str) -> Any:
@@ -81,6 +83,12 @@ class TrainConfig:
         0, "torch CPU threads during the run; 0: 1 for the embedded model, else torch's default"
     )
     precision: str = _option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32")
+    distributed: str = _option(
+        "none", "none, or under torchrun ddp (DistributedDataParallel) or fsdp (FSDP2)"
+    )
+    distributed_timeout: int = _option(
+        600, "seconds a rank waits in a collective before failing (ddp, fsdp)"
+    )
     # logging, evaluation, checkpoints
     output_dir: str = _option("runs/train", "where metrics.jsonl and checkpoints go")
     logging_steps: int = _option(10, "steps between two lines of metrics.jsonl")
@@ -100,7 +108,7 @@ class TrainConfig:
 
     def _check_values(self) -> None:
         positive = ("synthetic_size", "max_steps", "batch_size", "gradient_accumulation_steps")
-        positive += ("logging_steps", "max_new_tokens")
+        positive += ("logging_steps", "max_new_tokens", "distributed_timeout")
         for name in positive:
             check_int(name, getattr(self, name), minimum=1)
         non_negative = ("eval_size", "eval_steps", "generate_size", "save_steps", "warmup_steps")
@@ -121,6 +129,9 @@ class TrainConfig:
         if self.train_file is None and self.eval_file is not None:
             raise ValueError("eval_file: only with train_file; the embedded task makes its own")
         check_choice("precision", self.precision, PRECISIONS)
+        # the launch environment and the world size are checked when a run starts
+        # (lenalign.train.parallel), as a config is also read where no run is launched
+        check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
         if self.device != "auto":
             try:
                 torch.device(self.device)

@@ -24,28 +24,51 @@ from ..outputs import SequenceLogProbs
 from .config import TrainConfig, loss_options
 from .dataset import PairLogProbs, PreferenceData, batches_in_order
 
+# what a policy's forward hands to the loss: logits, the head's input, or (a model
+# sharded with FSDP2, scored through the fused head) the rows' log-likelihoods
+Outputs = torch.Tensor | HeadInput | SequenceLogProbs
+
 
 def forward_outputs(
     model: PreTrainedModel,
     batch: dict[str, torch.Tensor],
     amp: torch.dtype | None,
     fused_head: bool,
-) -> torch.Tensor | HeadInput:
-    """The logits, or with ``fused_head`` the head's input, of a collated batch."""
+) -> Outputs:
+    """The logits, or with ``fused_head`` the head's input, of a collated batch.
+
+    A model sharded with FSDP2 (``distributed="fsdp"``) keeps its embeddings and head as
+    shards outside its own forward, so its fused head runs inside it:
+    ``lenalign.distributed.causal_lm_logprobs`` gives the log-likelihoods themselves.
+    """
     if fused_head:
+        if _is_sharded(model):
+            from ..distributed import causal_lm_logprobs
+
+            return causal_lm_logprobs(model, batch, amp=amp)
         return forward_head_input(model, batch, amp)
     return forward_logits(model, batch, amp)
 
 
-def completion_logprobs(
-    outputs: torch.Tensor | HeadInput, batch: dict[str, torch.Tensor]
-) -> PairLogProbs:
+def _is_sharded(model: torch.nn.Module) -> bool:
+    # torch.distributed.fsdp is imported only once a process group exists
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def completion_logprobs(outputs: Outputs, batch: dict[str, torch.Tensor]) -> PairLogProbs:
     """Completion log-likelihoods of a batch's chosen and rejected rows.
 
     From the logits as the model returned them (``shift=True`` scores the token at t with
-    the logits at t - 1, so nothing is sliced or copied), or from the head's input.
+    the logits at t - 1, so nothing is sliced or copied), from the head's input, or
+    already computed (``forward_outputs`` of a sharded model).
     """
     labels, mask = batch["input_ids"], batch["completion_mask"]
+    if isinstance(outputs, SequenceLogProbs):
+        return split_pairs(outputs)
     if isinstance(outputs, HeadInput):
         logps = linear_sequence_logprobs(
             outputs.hidden,
@@ -62,7 +85,7 @@ def completion_logprobs(
 
 
 def batch_loss(
-    outputs: torch.Tensor | HeadInput,
+    outputs: Outputs,
     batch: dict[str, torch.Tensor],
     reference: PairLogProbs | None,
     config: TrainConfig,

@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from distributed_helpers import free_port, loopback_environment
+from distributed_helpers import run_bounded, torchrun_command
 from trl import DPOConfig, DPOTrainer
 from trl_helpers import assert_close_metrics, preference_dataset, trained
 
@@ -66,11 +62,9 @@ PARAMETER_RTOL, PARAMETER_ATOL = 1e-4, 1e-6
 # longest sequence: it is not a property of the training
 NOT_COMPARED = ("total_flos",)
 SCRIPT = Path(__file__).with_name("trl_ddp_run.py")
-ROOT = Path(__file__).resolve().parents[2]
 # 2 interpreters importing torch, transformers and TRL on 2 cores (about 20 s), then a
 # few seconds per run; a hung collective is killed here rather than by gloo's 30 min
 LAUNCH_TIMEOUT_S = 180
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
 
 
 def torchrun(root: Path) -> str:
@@ -86,30 +80,9 @@ def torchrun(root: Path) -> str:
         for name, (trainer, overrides) in RUNS.items()
     ]
     plan.write_text(json.dumps({"out": str(root), "n_pairs": N_PAIRS, "runs": runs}))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **loopback_environment())
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    # an outer launcher's variables would make the ranks join the wrong group
-    for name in TORCHRUN_VARIABLES:
-        env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}"]
-    command += ["--master-addr=127.0.0.1", f"--master-port={free_port()}", str(SCRIPT), str(plan)]
-    # a session of its own, so that a timeout kills the ranks with their launcher
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output = process.communicate(timeout=LAUNCH_TIMEOUT_S)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output = process.communicate()[0]
-        pytest.fail(f"torchrun still runs after {LAUNCH_TIMEOUT_S} s:\n{output[-4000:]}")
-    assert process.returncode == 0, output[-6000:]
-    return output
+    launch = run_bounded(torchrun_command(WORLD, str(SCRIPT), str(plan)), LAUNCH_TIMEOUT_S)
+    assert launch.returncode == 0, launch.stdout[-6000:]
+    return launch.stdout
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .checks import fail, is_dtensor
-from .layout import RowLayout
+from .layout import RowLayout, accumulate_dtype
 from .linear_function import HeadTransform, default_chunk_rows
 from .vocab_parallel import ShardedLinearSequenceLogProbs, ShardedSequenceLogProbs
 from .vocab_shard import VocabShard, agree, chunk_bounds, group_rank
@@ -63,21 +63,30 @@ def replicated_local(argument: str, value: object) -> object:
 Prepared = tuple[RowLayout, str, int, HeadTransform | None]
 
 
-def _agreed(shard: object, rows_name: str, prepare: Callable[[], Prepared]) -> tuple:
+def _agreed(
+    shard: object,
+    rows_name: str,
+    prepare: Callable[[], Prepared],
+    settings: Callable[[RowLayout], dict[str, int]],
+) -> tuple:
     """``prepare()``'s values and the Agreement, once every rank agrees its inputs are
-    sound; else the same ValueError on every rank."""
+    sound and ``settings(layout)`` equal; else the same error on every rank."""
     if not isinstance(shard, VocabShard):
         fail("vocab_shard", "a lenalign.VocabShard or None", type(shard).__name__)
     group_rank(shard.group)
-    prepared, error = None, None
+    prepared, error, agreed = None, None, {}
     try:
         prepared = prepare()
-    except ValueError as caught:
+        agreed = settings(prepared[0])
+    # any failure, not only ValueError: a rank that raised alone would leave the others
+    # waiting in the agreement's collective
+    except Exception as caught:
         error = caught
-    if prepared is None:
-        agree(shard, None, None, None, error, rows_name)  # raises on every rank
+    if error is not None:
+        agree(shard, None, None, None, {}, error, rows_name)  # raises on every rank
     layout, _, width, _ = prepared
-    return (*prepared, agree(shard, width, layout.targets, layout.cu_seqlens, None, rows_name))
+    agreement = agree(shard, width, layout.targets, layout.cu_seqlens, agreed, None, rows_name)
+    return (*prepared, agreement)
 
 
 @torch.compiler.disable
@@ -86,7 +95,14 @@ def sharded_sequence_logprobs(
 ) -> tuple[tuple[torch.Tensor, ...], RowLayout]:
     """(sum, mean, count, token_logprobs, *four statistics if ``stats``), and the layout,
     of this rank's [.., V_shard] logits; ``prepare`` validates the entry's arguments."""
-    layout, backend, _, _, agreement = _agreed(shard, "logits", prepare)
+
+    def settings(layout: RowLayout) -> dict[str, int]:
+        return {
+            "return_token_stats": int(stats),
+            "logits.dtype": int(accumulate_dtype(layout.rows3d.dtype) == torch.float64),
+        }
+
+    layout, backend, _, _, agreement = _agreed(shard, "logits", prepare, settings)
     outputs = ShardedSequenceLogProbs.apply(
         layout.rows3d,
         layout.targets,
@@ -111,7 +127,19 @@ def sharded_linear_sequence_logprobs(
     stats: bool,
 ) -> tuple[tuple[torch.Tensor, ...], RowLayout]:
     """As ``sharded_sequence_logprobs``, from this rank's rows ``weight`` of the LM head."""
-    layout, backend, _, transform, agreement = _agreed(shard, "weight", prepare)
+
+    def settings(layout: RowLayout) -> dict[str, int]:
+        # the backward all-reduces the hidden states' gradient where all three hold
+        needs_hidden_grad = layout.rows3d.requires_grad and torch.is_grad_enabled()
+        needs_hidden_grad = needs_hidden_grad and shard.reduce_hidden_grad
+        return {
+            "return_token_stats": int(stats),
+            "hidden.dtype": int(accumulate_dtype(layout.rows3d.dtype) == torch.float64),
+            "vocab_shard.reduce_hidden_grad": int(shard.reduce_hidden_grad),
+            "hidden.requires_grad": int(needs_hidden_grad),
+        }
+
+    layout, backend, _, transform, agreement = _agreed(shard, "weight", prepare, settings)
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(max(weight.shape[0], 1), weight.element_size())
     outputs = ShardedLinearSequenceLogProbs.apply(

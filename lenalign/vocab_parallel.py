@@ -119,7 +119,8 @@ def combine(
     entropy = total_log - reduced[2] / total
     sum_sq = reduced[3].log() - 2.0 * total_log
     mean = reduced[4] / agreement.vocab
-    top1 = (reduced[5] > 0) & (reduced[6] == 0)
+    # a nan logit anywhere has no order: no top-1 (MAX may have passed over the nan)
+    top1 = (reduced[5] > 0) & (reduced[6] == 0) & ~total.isnan()
     stats = [torch.where(counted, value, 0.0) for value in (entropy, mean, sum_sq)]
     return logprob, pivot, total_log, stats[0], stats[1], top1 & counted, stats[2]
 

@@ -3,11 +3,11 @@ of every rank on a call's inputs before any collective that could hang.
 
 A vocab-parallel call runs on every rank of a process group at once; each rank holds
 the logits (or the LM head's rows) of vocabulary ids ``start:stop``. The shards must
-tile [0, V) and every rank must score the same labels. One small all-gather per call
-(``agree``, 8 int64 per rank) checks that before the data's all-reduces: a rank whose
-input is wrong would otherwise leave the others waiting in a collective it never
-joins. When any rank finds its input wrong, every rank raises a ValueError naming the
-argument.
+tile [0, V) and every rank must score the same labels with the same settings. One
+small all-gather per call (``agree``: 7 int64 per rank and the settings that decide the
+collectives' sizes) checks that before the data's all-reduces: a rank whose input is
+wrong would otherwise leave the others waiting in a collective it never joins. When
+any rank finds its input wrong, every rank raises a ValueError naming the argument.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from .checks import check_bool, check_int, fail
 # local target of a counted row whose label lies in another shard: no column index of
 # any kernel ever equals it, so the label's one-hot term never fires here
 OUTSIDE_SHARD = torch.iinfo(torch.int64).max
-# the fields of each rank's record in ``agree``
+# the fields of each rank's record in ``agree``, then room for the entry's settings: the
+# record has one size on every rank, also when a rank failed before it knew them
 _RECORD = ("failed", "start", "stop", "width", "rows", "max_label", "fingerprint")
+_SETTING_SLOTS = 4
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,9 @@ def fingerprint(*tensors: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class Agreement:
-    """What ``agree`` established: the vocabulary, and this shard's rank among the shards
-    ordered by ``start`` (which decides ties of the argmax across shards)."""
+    """What ``agree`` established: the vocabulary, the starts of the non-empty shards in
+    order, and this shard's place among them (-1 if empty), which decides ties of the
+    argmax across shards."""
 
     vocab: int
     order: int
@@ -120,18 +123,22 @@ def agree(
     width: int | None,
     targets: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
-    error: ValueError | None,
+    settings: dict[str, int],
+    error: Exception | None,
     rows_name: str,
 ) -> Agreement:
     """Check every rank's call against the others', the same way on every rank.
 
     ``width`` is this rank's local vocabulary (logits.shape[-1] or weight.shape[0]),
-    ``targets`` its [N] row targets (global ids, -1 not counted), ``error`` the
-    ValueError its local checks raised, if any (then width and targets may be None).
+    ``targets`` its [N] row targets (global ids, -1 not counted), ``settings`` the
+    arguments that decide the collectives' sizes and count (by argument name: they must
+    be equal on every rank), ``error`` what its local checks raised, if anything (then
+    the others may be None): it is raised again on this rank, and the others raise it
+    as a ValueError (a RuntimeError if it was not one) naming the rank.
     """
     group = shard.group
     device = collective_device(group)
-    record = torch.zeros(len(_RECORD), dtype=torch.int64)
+    record = torch.zeros(len(_RECORD) + _SETTING_SLOTS, dtype=torch.int64)
     record[0] = error is not None
     record[1], record[2] = shard.start, shard.stop
     if error is None:
@@ -139,28 +146,45 @@ def agree(
         record[3], record[4] = width, targets.numel()
         record[5] = int(counted.max()) if counted.numel() else -1
         record[6] = fingerprint(targets, cu_seqlens)
+        values = torch.tensor(list(settings.values()), dtype=torch.int64)
+        record[len(_RECORD) : len(_RECORD) + len(settings)] = values
     world = dist.get_world_size(group)
     gathered = [torch.empty_like(record, device=device) for _ in range(world)]
     dist.all_gather(gathered, record.to(device), group=group)
-    table = [dict(zip(_RECORD, (int(v) for v in r.cpu()), strict=True)) for r in gathered]
-    me = group_rank(group)
+    fields = (*_RECORD, *settings)
+    table = [dict(zip(fields, (int(v) for v in r.cpu()), strict=False)) for r in gathered]
     if any(row["failed"] for row in table):
-        messages = [None] * world
-        dist.all_gather_object(messages, None if error is None else str(error), group=group)
+        reports = [None] * world
+        report = None if error is None else (isinstance(error, ValueError), str(error))
+        dist.all_gather_object(reports, report, group=group)
         if error is not None:
             raise error
-        rank = next(r for r, message in enumerate(messages) if message is not None)
-        raise ValueError(f"{messages[rank]} (on rank {rank}; every rank of the group raises)")
-    return _check_table(table, me, rows_name)
+        rank, (is_value_error, message) = next(
+            (r, report) for r, report in enumerate(reports) if report is not None
+        )
+        kind = ValueError if is_value_error else RuntimeError
+        raise kind(f"{message} (on rank {rank}; every rank of the group raises)")
+    return _check_table(table, group_rank(group), rows_name, tuple(settings))
 
 
-def _check_table(table: list[dict[str, int]], me: int, rows_name: str) -> Agreement:
+def _check_table(
+    table: list[dict[str, int]], me: int, rows_name: str, settings: tuple[str, ...]
+) -> Agreement:
     """The checks of the gathered records, identical on every rank."""
-    shards = sorted(range(len(table)), key=lambda r: (table[r]["start"], table[r]["stop"]))
+    for name in settings:
+        if len({row[name] for row in table}) > 1:
+            fail(
+                name,
+                "the same value on every rank of the vocab_shard group",
+                [r[name] for r in table],
+            )
+    # empty shards hold no id: they neither tile nor order anything
+    held = [r for r in range(len(table)) if table[r]["stop"] > table[r]["start"]]
+    shards = sorted(held, key=lambda r: table[r]["start"])
     covered = 0
     for rank in shards:
         start, stop = table[rank]["start"], table[rank]["stop"]
-        if start != covered and stop > start:
+        if start != covered:
             what = "overlap" if start < covered else "a gap"
             fail(
                 "vocab_shard",
@@ -169,7 +193,7 @@ def _check_table(table: list[dict[str, int]], me: int, rows_name: str) -> Agreem
                 f"{start}:{stop}; shards by rank: "
                 f"{[(row['start'], row['stop']) for row in table]})",
             )
-        covered = max(covered, stop)
+        covered = stop
     vocab = covered
     if vocab < 1:
         fail("vocab_shard", "shards that hold at least one vocabulary id", "all empty")
@@ -195,7 +219,9 @@ def _check_table(table: list[dict[str, int]], me: int, rows_name: str) -> Agreem
             max_label,
         )
     starts = tuple(table[rank]["start"] for rank in shards)
-    return Agreement(vocab=vocab, order=shards.index(me), shard_starts=starts)
+    # an empty shard never holds a row's maximum: its order is never read
+    order = shards.index(me) if me in shards else -1
+    return Agreement(vocab=vocab, order=order, shard_starts=starts)
 
 
 def local_targets(targets: torch.Tensor, shard: VocabShard) -> torch.Tensor:

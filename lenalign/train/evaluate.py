@@ -44,11 +44,14 @@ def generate_greedy(
     max_prompt_length: int,
     batch_size: int,
     amp: torch.dtype | None = None,
+    synced: bool = False,
 ) -> list[Generation]:
     """Greedy completions of ``prompts``, encoded as in training (BOS, end kept).
 
     Prompts are left-padded in batches so that every completion starts right after its
-    prompt. The model is put in eval mode and left there.
+    prompt. The model is put in eval mode and left there. ``synced``: every rank of a
+    sharded model runs forwards until all have finished (transformers' ``synced_gpus``),
+    as each forward gathers parameters from all of them.
     """
     model.eval()
     tokens = special_tokens(tokenizer)
@@ -75,6 +78,7 @@ def generate_greedy(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=settings,
+                synced_gpus=synced,
             )
         for prompt, new in zip(chunk, output[:, width:].tolist(), strict=True):
             if tokens.eos in new:

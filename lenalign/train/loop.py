@@ -193,6 +193,7 @@ def _train(
                 max_prompt_length=config.max_prompt_length,
                 batch_size=config.batch_size,
                 amp=amp,
+                synced=config.distributed == "fsdp",
             )
             record |= generation_metrics(generations, score_fn)
         trained.reshard()

@@ -86,21 +86,28 @@ class World:
     def from_main(self, decide: Callable[[], Value]) -> Value:
         """What ``decide()`` returns on rank 0, on every rank; only rank 0 calls it.
 
-        A ValueError that ``decide`` raises is raised on every rank, with its message, so
-        that no rank waits for a value that never comes.
+        Whatever ``decide`` raises is raised again on rank 0, and on the other ranks as a
+        ValueError (a RuntimeError if it was not one) with its message, so that no rank
+        waits for a value that never comes.
         """
         if not self.distributed:
             return decide()
         box: list[Any] = [None]
+        failure: Exception | None = None
         if self.main:
             try:
                 box[0] = (True, decide())
-            except ValueError as error:
-                box[0] = (False, str(error))
+            except Exception as error:  # any: the other ranks wait on this broadcast
+                failure = error
+                box[0] = (False, (isinstance(error, ValueError), str(error)))
         dist.broadcast_object_list(box, src=0)
         ok, value = box[0]
+        if failure is not None:
+            raise failure
         if not ok:
-            raise ValueError(value)
+            is_value_error, message = value
+            kind = ValueError if is_value_error else RuntimeError
+            raise kind(f"{message} (on rank 0)")
         return value
 
     def barrier(self) -> None:

@@ -195,9 +195,10 @@ class ParallelPolicy:
             named = get_optimizer_state_dict(self.model, optimizer, options=FULL_ON_RANK0)
             if self.world.main:
                 optimizer_state = by_position(named, parameter_names(self.model, optimizer))
-        final = output_dir / f"checkpoint-{step}"
-        if self.world.main:
-            final = save_checkpoint(
+        # from rank 0, its outcome to every rank: a failed write (a full disk) raises on
+        # all of them instead of leaving the others at a barrier until the timeout
+        final = self.world.from_main(
+            lambda: save_checkpoint(
                 output_dir,
                 self.model,
                 tokenizer,
@@ -209,6 +210,7 @@ class ParallelPolicy:
                 model_state_dict=model_state,
                 optimizer_state=optimizer_state,
             )
+        )
         self.world.barrier()
         return final
 

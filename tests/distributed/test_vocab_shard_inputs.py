@@ -156,6 +156,23 @@ def _refusals(rank: int, world: int) -> dict[str, str]:
         "not a VocabShard": lambda: lenalign.sequence_logprobs(
             local, labels, vocab_shard=(shard.start, shard.stop)
         ),
+        "token stats on rank 0 only": lambda: lenalign.sequence_logprobs(
+            local, labels, vocab_shard=shard, return_token_stats=rank == 0
+        ),
+        "float32 logits on rank 1": lambda: lenalign.sequence_logprobs(
+            local.float() if rank == 1 else local, labels, vocab_shard=shard
+        ),
+        "reduce_hidden_grad on rank 0 only": lambda: lenalign.linear_sequence_logprobs(
+            torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True),
+            torch.randn(shard.stop - shard.start, 3, dtype=torch.float64),
+            labels,
+            vocab_shard=VocabShard(shard.start, shard.stop, reduce_hidden_grad=rank == 0),
+        ),
+        "an empty shard past the end, a label beyond the rest": lambda: lenalign.sequence_logprobs(
+            logits if rank == 0 else logits[..., :0],
+            labels.index_put((torch.tensor(0), torch.tensor(2)), torch.tensor(50)),
+            vocab_shard=VocabShard(0, 11) if rank == 0 else VocabShard(100, 100),
+        ),
     }
     messages = {}
     for name, call in bad.items():
@@ -169,9 +186,49 @@ def _refusals(rank: int, world: int) -> dict[str, str]:
     return messages
 
 
+def _layouts(rank: int, world: int) -> dict:
+    """Shards out of rank order, an empty one past the end, a nan in the other shard."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randint(-2, 3, (2, 4, 11), generator=generator).double()
+    labels = torch.randint(0, 11, (2, 4), generator=generator)
+    layouts = {
+        "reversed": [(6, 11), (0, 6)],
+        "empty past the end": [(0, 11), (100, 100)],
+        "empty inside": [(0, 11), (3, 3)],
+    }
+    out = {}
+    for name, bounds in layouts.items():
+        start, stop = bounds[rank]
+        result = lenalign.sequence_logprobs(
+            logits[..., start:stop] if stop > start else logits[..., :0],
+            labels,
+            return_token_logprobs=True,
+            return_token_stats=True,
+            vocab_shard=VocabShard(start, stop),
+        )
+        out[name] = (result.token_logprobs, *result.token_stats)
+    # a nan in rank 1's columns of row (0, 0), whose label rank 0 holds
+    poisoned, nan_labels = logits.clone(), labels.clone()
+    poisoned[0, 0, 8], nan_labels[0, 0] = float("nan"), 1
+    poisoned[0, 0, 1] = 10.0  # the label is the largest finite logit
+    start, stop = (0, 6) if rank == 0 else (6, 11)
+    result = lenalign.sequence_logprobs(
+        poisoned[..., start:stop],
+        nan_labels,
+        return_token_logprobs=True,
+        return_token_stats=True,
+        vocab_shard=VocabShard(start, stop),
+    )
+    out["nan"] = (result.token_logprobs, *result.token_stats)
+    return out
+
+
 def worker(rank: int, world: int) -> dict:
-    return {"dtensor": _dtensor(rank, world), "gradcheck": _gradcheck(rank, world)} | {
-        "refusals": _refusals(rank, world)
+    return {
+        "dtensor": _dtensor(rank, world),
+        "gradcheck": _gradcheck(rank, world),
+        "refusals": _refusals(rank, world),
+        "layouts": _layouts(rank, world),
     }
 
 
@@ -222,6 +279,10 @@ REFUSED_ARGUMENT = {
     "labels that differ across ranks": "labels: expected the same labels",
     "weight of the wrong width on rank 0": "weight: expected shape",
     "not a VocabShard": "vocab_shard: expected a lenalign.VocabShard",
+    "token stats on rank 0 only": "return_token_stats: expected the same value on every rank",
+    "float32 logits on rank 1": "logits.dtype: expected the same value on every rank",
+    "reduce_hidden_grad on rank 0 only": "vocab_shard.reduce_hidden_grad: expected the same",
+    "an empty shard past the end, a label beyond the rest": "labels: expected values in [0, 11)",
 }
 
 
@@ -233,3 +294,26 @@ def test_bad_input_raises_on_every_rank(ranks):
     assert "(on rank 1;" in ranks[0]["refusals"]["float labels on rank 1"]
     assert "(on rank 0;" in ranks[1]["refusals"]["weight of the wrong width on rank 0"]
     assert torch.equal(ranks[0]["refusals"]["afterwards"], ranks[1]["refusals"]["afterwards"])
+
+
+def test_shard_layouts_out_of_rank_order_and_empty(ranks):
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randint(-2, 3, (2, 4, 11), generator=generator).double()
+    labels = torch.randint(0, 11, (2, 4), generator=generator)
+    whole = lenalign.sequence_logprobs(
+        logits, labels, return_token_logprobs=True, return_token_stats=True, backend="torch"
+    )
+    expected = (whole.token_logprobs, *whole.token_stats)
+    assert bool(expected[3].any()) and not bool(expected[3].all())  # top-1 hits and misses
+    for rank in ranks:
+        for name in ("reversed", "empty past the end", "empty inside"):
+            for want, have in zip(expected, rank["layouts"][name], strict=True):
+                torch.testing.assert_close(have, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_a_nan_in_another_shard_poisons_the_row(ranks):
+    for rank in ranks:
+        token_logprobs, entropy, _mean, is_top1, log_sum_sq = rank["layouts"]["nan"]
+        for values in (token_logprobs, entropy, log_sum_sq):
+            assert torch.isnan(values[0, 0]) and torch.isfinite(values[1]).all()
+        assert not bool(is_top1[0, 0])

@@ -69,6 +69,29 @@ def refuse_writes_under(root: str, rank: int):
     return hook
 
 
+def refuse_native_saves_under(root: str, rank: int) -> None:
+    """torch.save and safetensors open their files in native code, unseen by the audit
+    hook: wrap both (and transformers' own reference to safetensors' save, which
+    save_pretrained calls) to refuse a path under ``root`` likewise."""
+    import safetensors.torch
+    import torch
+    import transformers.modeling_utils
+
+    guard = refuse_writes_under(root, rank)
+
+    def refusing(save, argument: int):
+        def call(*args, **kwargs):
+            guard("open", (args[argument], "wb", 0))
+            return save(*args, **kwargs)
+
+        return call
+
+    torch.save = refusing(torch.save, 1)
+    safetensors.torch.save_file = refusing(safetensors.torch.save_file, 1)
+    modeling = transformers.modeling_utils
+    modeling.safe_save_file = refusing(modeling.safe_save_file, 1)
+
+
 def arm(kill: dict) -> None:
     """Make this process SIGKILL itself at the moment ``kill`` names."""
     import torch  # here, as in main, so that the write guard imports without torch
@@ -98,6 +121,7 @@ def main() -> int:
     rank = int(os.environ["RANK"])
     if plan.get("watch") and rank != 0:
         sys.addaudithook(refuse_writes_under(plan["watch"], rank))
+        refuse_native_saves_under(plan["watch"], rank)
     for number, run in enumerate(plan["runs"]):
         if "master_port" in run:
             # a process group of its own per run: a group joined again through torchrun's

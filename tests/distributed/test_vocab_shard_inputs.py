@@ -223,12 +223,33 @@ def _layouts(rank: int, world: int) -> dict:
     return out
 
 
+def _compiled(rank: int, world: int) -> tuple[torch.Tensor, ...]:
+    """A loss through a vocab_shard call, eager and under torch.compile (the call runs
+    eagerly inside the compiled function, a graph break)."""
+    logits, labels = problem(6)
+    shard = VocabShard.from_vocab(VOCAB)
+
+    def loss(part: torch.Tensor) -> torch.Tensor:
+        result = lenalign.sequence_logprobs(part, labels, shift=True, vocab_shard=shard)
+        return (result.mean * 2).sum()
+
+    values, grads = [], []
+    for function in (loss, torch.compile(loss)):
+        local = logits[..., shard.start : shard.stop].clone().requires_grad_()
+        value = function(local)
+        value.backward()
+        values.append(value.detach())
+        grads.append(local.grad)
+    return (*values, *grads)
+
+
 def worker(rank: int, world: int) -> dict:
     return {
         "dtensor": _dtensor(rank, world),
         "gradcheck": _gradcheck(rank, world),
         "refusals": _refusals(rank, world),
         "layouts": _layouts(rank, world),
+        "compiled": _compiled(rank, world),
     }
 
 
@@ -317,3 +338,11 @@ def test_a_nan_in_another_shard_poisons_the_row(ranks):
         for values in (token_logprobs, entropy, log_sum_sq):
             assert torch.isnan(values[0, 0]) and torch.isfinite(values[1]).all()
         assert not bool(is_top1[0, 0])
+
+
+def test_a_compiled_loss_runs_the_sharded_call(ranks):
+    for rank in ranks:
+        eager, compiled, eager_grad, compiled_grad = rank["compiled"]
+        torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-12, atol=1e-12)
+        assert bool(eager_grad.abs().sum() > 0)

@@ -125,6 +125,28 @@ def combine(
     return logprob, pivot, total_log, stats[0], stats[1], top1 & counted, stats[2]
 
 
+def _sequence_outputs(
+    ctx: Any,
+    kernels: Any,
+    parts: list[torch.Tensor],
+    label_logit: torch.Tensor,
+    targets: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    shift: int,
+    shard: VocabShard,
+    agreement: Agreement,
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """Both Functions' outputs from this rank's parts: ((sum, mean, count, token_logprobs,
+    *statistics at label positions), the rows' pivot m, their log S), the ones without
+    gradient marked on ``ctx``."""
+    logprob, pivot, log_sum, *row_stats = combine(parts, label_logit, targets, shard, agreement)
+    seq_sum, seq_count, seq_mean = kernels.segment_reduce(logprob, targets, cu_seqlens)
+    token_stats = [rows_to_labels(values, shift) for values in row_stats]
+    ctx.mark_non_differentiable(seq_count, *token_stats)
+    outputs = (seq_sum, seq_mean, seq_count, rows_to_labels(logprob, shift), *token_stats)
+    return outputs, pivot, log_sum
+
+
 class ShardedSequenceLogProbs(torch.autograd.Function):
     """``sequence_logprobs`` over this rank's [B, T, V_shard] logits (module docstring)."""
 
@@ -146,13 +168,12 @@ class ShardedSequenceLogProbs(torch.autograd.Function):
         local = local_targets(targets, shard)
         parts = _local_statistics(kernels, logits3d, local, acc, stats)
         label_logit = _label_logits(logits3d, local, acc)
-        logprob, pivot, log_sum, *row_stats = combine(parts, label_logit, targets, shard, agreement)
-        seq_sum, seq_count, seq_mean = kernels.segment_reduce(logprob, targets, cu_seqlens)
-        ctx.save_for_backward(logits3d, local, targets, cu_seqlens, pivot, log_sum, seq_count)
+        outputs, pivot, log_sum = _sequence_outputs(
+            ctx, kernels, parts, label_logit, targets, cu_seqlens, shift, shard, agreement
+        )
+        ctx.save_for_backward(logits3d, local, targets, cu_seqlens, pivot, log_sum, outputs[2])
         ctx.settings = (shift, inplace_backward, backend)
-        token_stats = [rows_to_labels(values, shift) for values in row_stats]
-        ctx.mark_non_differentiable(seq_count, *token_stats)
-        return seq_sum, seq_mean, seq_count, rows_to_labels(logprob, shift), *token_stats
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_sum, grad_mean, _grad_count, grad_token, *_not_differentiable):
@@ -215,15 +236,15 @@ class ShardedLinearSequenceLogProbs(torch.autograd.Function):
         if parts is None:  # no counted row
             empty = hidden3d.new_empty((*hidden3d.shape[:2], 0))
             parts = _local_statistics(kernels, empty, local, acc, stats)
-        logprob, pivot, log_sum, *row_stats = combine(parts, label_logit, targets, shard, agreement)
-        seq_sum, seq_count, seq_mean = kernels.segment_reduce(logprob, targets, cu_seqlens)
+        outputs, pivot, log_sum = _sequence_outputs(
+            ctx, kernels, parts, label_logit, targets, cu_seqlens, shift, shard, agreement
+        )
+        seq_count = outputs[2]
         ctx.save_for_backward(
             hidden_counted, weight, bias, local, targets, cu_seqlens, pivot, log_sum, seq_count
         )
         ctx.settings = (shift, chunk_rows, transform, backend, shard, list(hidden3d.shape))
-        token_stats = [rows_to_labels(values, shift) for values in row_stats]
-        ctx.mark_non_differentiable(seq_count, *token_stats)
-        return seq_sum, seq_mean, seq_count, rows_to_labels(logprob, shift), *token_stats
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_sum, grad_mean, _grad_count, grad_token, *_not_differentiable):

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..api import linear_sequence_logprobs
 from ..checks import fail
-from ..integrations.hf import amp_context, fused_head_transform
+from ..integrations.hf import backbone_hidden, fused_head_transform
 from ..outputs import SequenceLogProbs
 from .fsdp import check_unsharded, owning_unit, run_as_forward
 
@@ -174,15 +174,12 @@ def _causal_lm_forward(
     completion_mask: torch.Tensor,
 ) -> SequenceLogProbs:
     """Backbone then fused head; the backbone call is ``forward_head_input``'s."""
-    with amp_context(input_ids.device, amp):
-        outputs = model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        )
+    hidden = backbone_hidden(model, input_ids, attention_mask, amp)
     # head_logprobs reads the head inside its unit's forward: this one when the model's
     # root unit owns it, the head's own when fully_shard was applied to the head alone
     return head_logprobs(
         model,
-        outputs.last_hidden_state,
+        hidden,
         input_ids,
         completion_mask,
         amp=amp,

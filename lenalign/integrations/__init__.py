@@ -9,6 +9,7 @@ batches through it. ``lenalign.integrations.trl`` (``LenalignDPOConfig``,
 extra and is not imported by this package.
 
 Public names: ``HeadInput``, ``forward_logits``, ``forward_head_input``,
+``backbone_hidden`` (the hidden states entering the head, without the head),
 ``fused_head_transform`` (a model's head transforms, and a sampling temperature, as
 ``linear_sequence_logprobs``'s ``logit_scale`` and ``logit_softcap``) and
 ``amp_context``, all from ``lenalign.integrations.hf``, which imports torch only (not
@@ -18,6 +19,7 @@ transformers).
 from .hf import (
     HeadInput,
     amp_context,
+    backbone_hidden,
     forward_head_input,
     forward_logits,
     fused_head_transform,
@@ -26,6 +28,7 @@ from .hf import (
 __all__ = [
     "HeadInput",
     "amp_context",
+    "backbone_hidden",
     "forward_head_input",
     "forward_logits",
     "fused_head_transform",

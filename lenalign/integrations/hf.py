@@ -164,6 +164,21 @@ def _ignored_fields(config: PreTrainedConfig, text_config: PreTrainedConfig) -> 
     return IGNORED_BY_HEAD.get(model_type, ())
 
 
+def backbone_hidden(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    amp: torch.dtype | None = None,
+) -> torch.Tensor:
+    """[R, T, H] hidden states that the model's backbone hands its LM head, under
+    autocast to ``amp`` when given; the head itself does not run."""
+    with amp_context(input_ids.device, amp):
+        outputs = model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        )
+    return outputs.last_hidden_state
+
+
 def forward_head_input(
     model: PreTrainedModel, batch: dict[str, torch.Tensor], amp: torch.dtype | None = None
 ) -> HeadInput:
@@ -173,13 +188,9 @@ def forward_head_input(
     since ``linear_sequence_logprobs`` forms the logits in its inputs' dtype.
     """
     transform = fused_head_transform(model)
-    device = batch["input_ids"].device
-    with amp_context(device, amp):
-        outputs = model.base_model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
+    hidden = backbone_hidden(model, batch["input_ids"], batch["attention_mask"], amp)
     head = model.get_output_embeddings()
-    parts = (outputs.last_hidden_state, head.weight, head.bias)
+    parts = (hidden, head.weight, head.bias)
     if amp is not None:
         parts = tuple(None if part is None else part.to(amp) for part in parts)
     return HeadInput(*parts, transform)

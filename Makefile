@@ -1,38 +1,93 @@
 # The two commands of the README: `make bench` (the main job) and `make test`.
-# Both create .venv on first use. A CPU machine gets the local CPU build of torch
-# (torch==2.13.0); a machine whose python3 already has torch (a GPU box) reuses it
-# through --system-site-packages, so set-up never pulls a multi-GB CUDA build.
+#
+# Where python3 has no torch (a CPU machine), both create .venv on first use and install,
+# with the versions pinned by constraints.txt (the lock: what CI has tested), the local
+# CPU build of torch and lenalign in editable mode; nothing resolves to a newer release,
+# and never to a multi-GB CUDA build of torch.
+#
+# Where python3 already has torch (a GPU box, whose python3 is itself a venv with no
+# network), nothing is installed: the tests and the bench run on that interpreter and its
+# packages, with the checkout put on PYTHONPATH as the package lenalign (links in
+# .venv/checkout, laid out as pyproject.toml maps it: lenalign.kernels is kernels/).
+#
+# `make test-latest` runs the suite against the newest releases instead (a fresh
+# .venv-latest, no lock; torch stays the CPU build), and `make lock` rewrites
+# constraints.txt from them: run test-latest, then lock, then test.
 PYTHON ?= python3
 VENV := .venv
-PY := $(VENV)/bin/python
+LATEST := .venv-latest
+LOCK := constraints.txt
 CPU_TORCH := torch==2.13.0
+EXTRAS := .[dev,train,bench,trl]
 STAMP := $(VENV)/.installed
+HAS_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo yes)
 
-.PHONY: venv test bench lint clean
+ifeq ($(HAS_TORCH),yes)
+PY := PYTHONPATH="$(CURDIR)/$(VENV)/checkout$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON)
+else
+PY := $(VENV)/bin/python
+endif
+
+.PHONY: venv test bench lint test-latest lock clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
-		echo "reusing the torch of $(PYTHON)"; \
-		$(PYTHON) -m venv --system-site-packages $(VENV); \
-	else \
-		$(PYTHON) -m venv $(VENV); \
-		$(PY) -m pip install -q --upgrade pip; \
-		$(PY) -m pip install -q "$(CPU_TORCH)"; \
-	fi
-	$(PY) -m pip install -q -e ".[dev,train,bench,trl]"
+ifeq ($(HAS_TORCH),yes)
+# links, remade on every call, so that a module added to lenalign/ is seen at once
+$(STAMP): FORCE
+	@echo "using the torch of $(PYTHON); nothing is installed"
+	@rm -rf $(VENV)/checkout && mkdir -p $(VENV)/checkout/lenalign
+	@for entry in $(CURDIR)/lenalign/*; do \
+		case $$entry in */__pycache__) ;; *) ln -s "$$entry" $(VENV)/checkout/lenalign/ ;; esac; \
+	done
+	@ln -s $(CURDIR)/kernels $(VENV)/checkout/lenalign/kernels
 	@touch $(STAMP)
+else
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c $(LOCK) pip setuptools wheel
+	$(PY) -m pip install -q -c $(LOCK) "$(CPU_TORCH)"
+	$(PY) -m pip install -q -c $(LOCK) --no-build-isolation -e "$(EXTRAS)"
+	@touch $(STAMP)
+endif
+
+FORCE:
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(VENV)/bin/lenalign bench
+	$(PY) -m lenalign.cli bench
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# the newest releases of everything but torch (held at the CPU build by a constraint:
+# an eager upgrade would take a CUDA build), resolved afresh on every call
+$(LATEST): FORCE
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	@echo "$(CPU_TORCH)" > $(LATEST)/torch.txt
+	$(LATEST)/bin/python -m pip install -q -c $(LATEST)/torch.txt --upgrade \
+		--upgrade-strategy eager --no-build-isolation -e "$(EXTRAS)"
+
+test-latest: $(LATEST)
+	$(LATEST)/bin/python -m pytest -q tests
+
+# pip freeze of the newest releases, torch's local version label dropped (torch==2.13.0
+# matches the CPU build here and whatever build a platform's index serves)
+lock: $(LATEST)
+	@{ \
+		echo "# The lock: the versions make test and make bench install (pip -c), the"; \
+		echo "# newest releases on $$(date -u +%Y-%m-%d) as resolved on Linux x86-64,"; \
+		echo "# $$($(LATEST)/bin/python -c 'import sys; print("Python", sys.version.split()[0])')."; \
+		echo "# Regenerate with make lock (README.md, 'Set-up and the lock')."; \
+		$(LATEST)/bin/python -m pip freeze --all --exclude-editable | sed 's/+cpu$$//'; \
+	} > $(LOCK)
+	@echo "wrote $(LOCK)"
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(LATEST) build dist *.egg-info

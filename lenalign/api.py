@@ -12,7 +12,14 @@ from collections.abc import Callable
 import torch
 
 from .backends import select_backend
-from .checks import check_bool, check_int, fail, is_dtensor, positive_finite
+from .checks import (
+    check_bool,
+    check_int,
+    fail,
+    is_dtensor,
+    positive_finite,
+    refuse_forward_ad,
+)
 from .function import SequenceLogProbsUnderFunc
 from .layout import RowLayout, build_layout, build_linear_layout, overlaps_itself
 from .linear_function import HeadTransform, LinearSequenceLogProbsUnderFunc, default_chunk_rows
@@ -78,6 +85,7 @@ def sequence_logprobs(
         ValueError: naming the argument, for wrong shapes, dtypes or devices, a label
             outside [0, V) at a counted position, or malformed ``cu_seqlens``.
     """
+    refuse_forward_ad("sequence_logprobs", logits=logits)
     if is_dtensor(logits):
         logits, vocab_shard = from_dtensor(logits, vocab_shard)
         labels, mask = replicated_local("labels", labels), replicated_local("mask", mask)
@@ -171,6 +179,7 @@ def linear_sequence_logprobs(
         ValueError: naming the argument, as ``sequence_logprobs``, and for a weight or
             bias whose shape, dtype or device does not match the hidden states.
     """
+    refuse_forward_ad("linear_sequence_logprobs", hidden=hidden, weight=weight, bias=bias)
 
     def prepare() -> tuple[RowLayout, str, int, HeadTransform]:
         check_bool("return_token_logprobs", return_token_logprobs)

@@ -13,6 +13,7 @@ from numbers import Real
 from typing import NoReturn
 
 import torch
+from torch.autograd import forward_ad
 
 
 def fail(argument: str, expected: str, got: object) -> NoReturn:
@@ -82,3 +83,23 @@ def check_choice(argument: str, value: object, choices: tuple) -> object:
     if value not in choices:
         fail(argument, f"one of {choices}", repr(value))
     return value
+
+
+def refuse_forward_ad(entry: str, **tensors: object) -> None:
+    """Raise NotImplementedError if one of ``tensors`` carries a forward-mode tangent.
+
+    lenalign's operators define a backward only; under ``torch.autograd.forward_ad`` their
+    outputs would come back with no tangent, which reads as a zero derivative. (A
+    ``torch.func.jvp`` transform raises by itself.)
+    """
+    if torch.compiler.is_compiling():
+        return
+    for argument, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue  # the argument checks name it
+        if forward_ad.unpack_dual(tensor).tangent is not None:
+            raise NotImplementedError(
+                f"lenalign.{entry}: {argument} carries a forward-mode tangent "
+                "(torch.autograd.forward_ad), and lenalign has no forward-mode derivative; "
+                "use reverse mode (backward(), torch.autograd.grad, torch.func.grad or vjp)"
+            )

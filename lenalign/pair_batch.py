@@ -10,7 +10,8 @@ import torch
 
 from .api import linear_sequence_logprobs, sequence_logprobs
 from .checks import check_choice, fail
-from .losses import (
+from .outputs import SequenceLogProbs
+from .preference import (
     LOSS_TYPES,
     PreferenceLossOutput,
     check_logps,
@@ -18,7 +19,6 @@ from .losses import (
     preference_loss,
     split_pairs,
 )
-from .outputs import SequenceLogProbs
 from .vocab_shard import VocabShard
 
 

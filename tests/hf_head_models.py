@@ -16,6 +16,8 @@ import pytest
 import torch
 import transformers
 
+from lenalign.integrations.hf import transformers_at_least
+
 # the sizes every family shares: 2 layers, 32 wide, 4 query and 2 key-value heads
 SIZES = {
     "hidden_size": 32,
@@ -111,7 +113,8 @@ HEAD_FAMILIES: dict[str, tuple[str, str, Callable[[int], dict[str, Any]], dict]]
         },
         {"logit_scale": 0.3, "logit_softcap": 3.0},
     ),
-    # a Cohere 2 text config whose logit_scale the wrapper's head does not apply
+    # a Cohere 2 text config whose logit_scale the wrapper's head applies from transformers
+    # 5.25 on, and ignored before
     "aya_vision": (
         "AyaVisionForConditionalGeneration",
         "AyaVisionConfig",
@@ -124,7 +127,7 @@ HEAD_FAMILIES: dict[str, tuple[str, str, Callable[[int], dict[str, Any]], dict]]
                 "patch_size": 4,
             },
         },
-        {"logit_scale": 1.0, "logit_softcap": None},
+        {"logit_scale": 0.3 if transformers_at_least("5.25.0") else 1.0, "logit_softcap": None},
     ),
     # MptConfig's logit_scale, which transformers' MptForCausalLM does not apply
     "mpt": (

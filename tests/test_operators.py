@@ -1,5 +1,5 @@
 """What the registered operators hold and accept: saved tensors, overlapping storage,
-meta tensors, torch.func and devices without float64."""
+meta tensors, torch.func, forward-mode AD and devices without float64."""
 
 from __future__ import annotations
 
@@ -191,6 +191,37 @@ def test_torch_func_grad(backend):
     leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
     want = torch.autograd.grad(_linear_loss(*leaves, head_labels, backend), leaves)
     torch.testing.assert_close(grads, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_ad_raises_naming_lenalign_instead_of_a_missing_tangent(backend):
+    # the operators have no forward-mode derivative; their outputs used to come back
+    # without a tangent, which reads as a zero derivative where the true one is not zero
+    logits, labels, mask = random_problem(2, 5, 7, seed=11)
+    hidden, weight, head_labels = _head_problem(12)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(logits, torch.randn_like(logits))
+        with pytest.raises(NotImplementedError, match=r"lenalign\.sequence_logprobs: logits"):
+            sequence_logprobs(dual, labels, mask, shift=True, backend=backend)
+        for argument in ("hidden", "weight"):
+            primals = {"hidden": hidden, "weight": weight}
+            primals[argument] = torch.autograd.forward_ad.make_dual(
+                primals[argument], torch.randn_like(primals[argument])
+            )
+            with pytest.raises(
+                NotImplementedError, match=rf"lenalign\.linear_sequence_logprobs: {argument}"
+            ):
+                linear_sequence_logprobs(**primals, labels=head_labels, backend=backend)
+        # plain tensors inside a dual level are no forward-mode use: they go through
+        out = sequence_logprobs(logits, labels, mask, shift=True, backend=backend)
+        assert torch.autograd.forward_ad.unpack_dual(out.sum).tangent is None
+    # a jvp transform raises by itself
+    with pytest.raises(NotImplementedError):
+        torch.func.jvp(
+            lambda rows: sequence_logprobs(rows, labels, mask, backend=backend).sum,
+            (logits,),
+            (torch.randn_like(logits),),
+        )
 
 
 class _Float64Watch(TorchDispatchMode):

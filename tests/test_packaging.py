@@ -3,6 +3,7 @@ never as a top-level ``kernels`` module (a PyPI package of that name exists)."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import zipfile
@@ -63,3 +64,55 @@ def test_wheel_ships_lenalign_kernels_and_imports(tmp_path):
         cwd=tmp_path,
     )
     assert Path(result.stdout.strip()).resolve() == (site / "lenalign").resolve()
+
+
+def run_in_root(code: str, *, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter whose sys.path[0] is the checkout's root, as for
+    ``python -m pytest``, ``python -c``, a script or a notebook started there."""
+    probe = f"import sys; sys.path.insert(0, {str(ROOT)!r})\n{code}"
+    return subprocess.run(
+        [sys.executable, "-c", probe], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_checkout_root_does_not_shadow_an_installed_kernels_package():
+    # transformers imports Hugging Face's `kernels` (its import name) when it builds a model;
+    # from the root, the top-level kernels/ folder used to answer in its place
+    code = (
+        "import importlib.metadata, pathlib\n"
+        "import transformers\n"
+        "config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, "
+        "intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, "
+        "num_key_value_heads=1)\n"
+        "model = transformers.LlamaForCausalLM(config)\n"
+        "import kernels, lenalign, lenalign.kernels\n"
+        "here = pathlib.Path(sys.path[0], 'kernels').resolve()\n"
+        "assert pathlib.Path(kernels.__file__).resolve().parent != here, kernels.__file__\n"
+        "assert importlib.metadata.version('kernels')\n"
+        "assert lenalign.kernels.row_logprob_forward is not None\n"
+        "assert lenalign.kernels.__name__ == 'lenalign.kernels'\n"
+        "print('kernels from', kernels.__file__)\n"
+    )
+    assert importlib.util.find_spec("kernels") is not None, "Hugging Face's kernels"
+    result = run_in_root(code)
+    assert result.returncode == 0, result.stderr
+    assert "site-packages" in result.stdout
+
+
+def test_the_checkout_root_gives_no_kernels_module_when_none_is_installed():
+    # every site-packages folder left out: `import kernels` then finds nothing, and must not
+    # fall back to lenalign's device code under a name that is not its own
+    code = (
+        "sys.path[1:] = [p for p in sys.path[1:] if 'site-packages' not in p]\n"
+        "try:\n"
+        "    import kernels\n"
+        "except ModuleNotFoundError as error:\n"
+        "    assert error.name == 'kernels', error.name\n"
+        "    assert 'kernels' not in sys.modules\n"
+        "    print('none:', error)\n"
+        "else:\n"
+        "    raise AssertionError(f'imported {kernels.__file__}')\n"
+    )
+    result = run_in_root(code, cwd=ROOT / "tests")
+    assert result.returncode == 0, result.stderr
+    assert "lenalign.kernels" in result.stdout

@@ -11,6 +11,7 @@ for type hints alone.
 
 from __future__ import annotations
 
+import importlib.metadata
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -46,16 +47,18 @@ MULTIPLYING_LOGITS_SCALING = frozenset({"hyperclovax"})
 # Both from any other model type are refused, as the order would be a guess.
 SCALE_THEN_CAP_MODEL_TYPES = frozenset({"muse_spark_text", "muse_glimmer_text"})
 # models whose head ignores a field their text config carries, by the top-level config's
-# model type: each wrapper's forward ends at `logits = self.lm_head(hidden_states)`
-IGNORED_BY_HEAD: dict[str, tuple[str, ...]] = {
-    "aya_vision": ("logit_scale",),  # a Cohere 2 text config
-    "cohere2_vision": ("logit_scale",),  # a Cohere 2 text config
-    "granite_speech": ("logits_scaling",),  # a Granite text config
-    "granite_speech_plus": ("logits_scaling",),  # a Granite text config
-    "gemma3": ("final_logit_softcapping",),  # Gemma3ForConditionalGeneration
+# model type: each wrapper's forward ends at `logits = self.lm_head(hidden_states)`. The
+# second entry is the first transformers release whose head applies the fields, if any.
+IGNORED_BY_HEAD: dict[str, tuple[tuple[str, ...], str | None]] = {
+    # a Cohere 2 text config; transformers 5.25 multiplies by it
+    "aya_vision": (("logit_scale",), "5.25.0"),
+    "cohere2_vision": (("logit_scale",), None),  # a Cohere 2 text config
+    "granite_speech": (("logits_scaling",), None),  # a Granite text config
+    "granite_speech_plus": (("logits_scaling",), None),  # a Granite text config
+    "gemma3": (("final_logit_softcapping",), None),  # Gemma3ForConditionalGeneration
     # MptConfig keeps MosaicML's logit_scale, which transformers' MptForCausalLM never
     # applies (MosaicML's remote code, with a config class of its own, does)
-    "mpt": ("logit_scale",),
+    "mpt": (("logit_scale",), None),
 }
 
 
@@ -161,7 +164,18 @@ def _ignored_fields(config: PreTrainedConfig, text_config: PreTrainedConfig) -> 
     # multiplies by logit_scale; only transformers' MptConfig goes with the class ignoring it
     if model_type == "mpt" and not type(text_config).__module__.startswith("transformers."):
         return ()
-    return IGNORED_BY_HEAD.get(model_type, ())
+    fields, applied_since = IGNORED_BY_HEAD.get(model_type, ((), None))
+    if applied_since is not None and transformers_at_least(applied_since):
+        return ()
+    return fields
+
+
+def transformers_at_least(release: str) -> bool:
+    """Whether the installed transformers is ``release`` or newer (its models come from
+    there: a caller holding one has it)."""
+    from packaging.version import Version
+
+    return Version(importlib.metadata.version("transformers")) >= Version(release)
 
 
 def backbone_hidden(

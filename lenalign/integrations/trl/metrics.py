@@ -18,7 +18,7 @@ import torch
 from ...outputs import TokenStats
 
 if TYPE_CHECKING:
-    from .trainer import LenalignDPOTrainer
+    from trl import DPOTrainer
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -26,7 +26,7 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def record_metrics(
-    trainer: LenalignDPOTrainer,
+    trainer: DPOTrainer,
     mode: str,
     attention_mask: torch.Tensor,
     counts: torch.Tensor,

@@ -6,9 +6,9 @@
 # and never to a multi-GB CUDA build of torch.
 #
 # Where python3 already has torch (a GPU box, whose python3 is itself a venv with no
-# network), nothing is installed: the tests and the bench run on that interpreter and its
-# packages, with the checkout put on PYTHONPATH as the package lenalign (links in
-# .venv/checkout, laid out as pyproject.toml maps it: lenalign.kernels is kernels/).
+# network), nothing is installed and no .venv is made: the tests and the bench run on that
+# interpreter and its packages, with the checkout on PYTHONPATH (lenalign/kernels is a
+# link to kernels/, so the checkout imports as installed).
 #
 # `make test-latest` runs the suite against the newest releases instead (a fresh
 # .venv-latest, no lock; torch stays the CPU build), and `make lock` rewrites
@@ -19,12 +19,13 @@ LATEST := .venv-latest
 LOCK := constraints.txt
 CPU_TORCH := torch==2.13.0
 EXTRAS := .[dev,train,bench,trl]
-STAMP := $(VENV)/.installed
 HAS_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo yes)
 
 ifeq ($(HAS_TORCH),yes)
-PY := PYTHONPATH="$(CURDIR)/$(VENV)/checkout$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON)
+STAMP :=
+PY := PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON)
 else
+STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 endif
 
@@ -32,17 +33,7 @@ endif
 
 venv: $(STAMP)
 
-ifeq ($(HAS_TORCH),yes)
-# links, remade on every call, so that a module added to lenalign/ is seen at once
-$(STAMP): FORCE
-	@echo "using the torch of $(PYTHON); nothing is installed"
-	@rm -rf $(VENV)/checkout && mkdir -p $(VENV)/checkout/lenalign
-	@for entry in $(CURDIR)/lenalign/*; do \
-		case $$entry in */__pycache__) ;; *) ln -s "$$entry" $(VENV)/checkout/lenalign/ ;; esac; \
-	done
-	@ln -s $(CURDIR)/kernels $(VENV)/checkout/lenalign/kernels
-	@touch $(STAMP)
-else
+ifneq ($(HAS_TORCH),yes)
 $(STAMP): pyproject.toml $(LOCK)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)

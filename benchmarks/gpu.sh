@@ -13,10 +13,9 @@
 #   benchmarks/gpu.sh RESULTS_DIR
 #
 # Run from anywhere in a checkout on a machine whose python3 (or $PYTHON) has torch and
-# triton. Nothing is downloaded or built: the checkout is put on PYTHONPATH as the package
-# lenalign. RESULTS_DIR receives machine.txt, the logs, bench.json/bench.md/bench.png,
-# tune.json/tune.md and, where pytest-benchmark is installed,
-# pytest-benchmark.json. A step that fails does not stop the later ones; the exit status
+# triton. Nothing is downloaded or built: the checkout is put on PYTHONPATH. RESULTS_DIR
+# receives machine.txt, the logs, bench.json/bench.md/bench.png, tune.json/tune.md and,
+# where pytest-benchmark is installed, pytest-benchmark.json. A step that fails does not stop the later ones; the exit status
 # is that of the first step that failed.
 set -euo pipefail
 
@@ -31,18 +30,9 @@ python=${PYTHON:-python3}
 # a relative path would break once the script moves into the results folder
 if [[ $python == */* ]]; then python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python"); fi
 
-scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
-# lenalign laid out as pyproject.toml maps it (lenalign.kernels is the top-level kernels/
-# folder), from links in a scratch folder: a lent box may have no setuptools new enough
-# for an editable install, and no index to fetch one from
-mkdir "$scratch/lenalign"
-for entry in "$repo"/lenalign/*; do
-	# the modules and the wings' subpackages; not a bytecode cache
-	if [ "$(basename "$entry")" != __pycache__ ]; then ln -s "$entry" "$scratch/lenalign/"; fi
-done
-ln -s "$repo/kernels" "$scratch/lenalign/kernels"
-export PYTHONPATH="$scratch${PYTHONPATH:+:$PYTHONPATH}"
+# the checkout imports as installed (lenalign/kernels is a link to kernels/): a lent box
+# may have no setuptools new enough for an editable install, and no index to fetch one from
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$python" -c "import lenalign.kernels"; then
 	echo "$0: lenalign does not import from $repo with $python" >&2
 	exit 1

@@ -30,12 +30,12 @@ COMPILE_MIN_LOGITS = 1 << 24
 
 
 def _row_runs(
-    targets: torch.Tensor, seq_len: int, vocab: int
+    targets: torch.Tensor, seq_len: int, vocab: int, chunked: bool = True
 ) -> Iterator[tuple[bool, int, int, int, slice]]:
     """Yield (counted, batch, first position, last position + 1, flat rows) over all N rows.
 
     Runs are maximal stretches of rows of one batch entry that are all counted or all
-    not, cut into chunks of at most CHUNK_ELEMENTS logits.
+    not, cut into chunks of at most CHUNK_ELEMENTS logits when ``chunked``.
     """
     n_rows = targets.numel()
     if n_rows == 0:
@@ -45,7 +45,7 @@ def _row_runs(
     boundary[1:] = counted[1:] != counted[:-1]
     boundary[::seq_len] = True  # a run never crosses into the next batch entry
     starts = torch.nonzero(boundary).flatten().tolist()
-    chunk_rows = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    chunk_rows = max(1, CHUNK_ELEMENTS // max(vocab, 1)) if chunked else seq_len
     for start, end in zip(starts, [*starts[1:], n_rows], strict=True):
         batch, first_position = divmod(start, seq_len)
         for chunk_start in range(first_position, first_position + end - start, chunk_rows):
@@ -94,7 +94,7 @@ def _statistics(
         _compiled["fn"] = torch.compile(row_statistics, dynamic=True)
     compiled = _compiled.get("fn") if compiled_call else None
     if compiled is None:
-        return row_statistics(z, acc, stats)
+        return _eager_statistics(z, acc, stats)
     try:
         return compiled(z, acc, stats)
     except (MemoryError, torch.OutOfMemoryError):
@@ -106,7 +106,19 @@ def _statistics(
             RuntimeWarning,
             stacklevel=2,
         )
-        return row_statistics(z, acc, stats)
+        return _eager_statistics(z, acc, stats)
+
+
+def _eager_statistics(z: torch.Tensor, acc: torch.dtype, stats: bool) -> tuple[torch.Tensor, ...]:
+    """``row_statistics`` of ``z`` by the eager ops, CHUNK_ELEMENTS logits at a time: they
+    hold [rows, V] buffers, and a whole run was meant for the compiled kernel."""
+    rows = max(1, CHUNK_ELEMENTS // max(z.shape[1], 1))
+    parts = [
+        row_statistics(z[start : start + rows], acc, stats) for start in range(0, len(z), rows)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(values) for values in zip(*parts, strict=True))
 
 
 def row_logprob_forward(
@@ -123,11 +135,15 @@ def row_logprob_forward(
     device = logits3d.device
     dtypes = [acc] * 3 + ([acc, acc, torch.bool, acc] if stats else [])
     outputs = [torch.zeros(n_rows, dtype=dtype, device=device) for dtype in dtypes]
-    runs = list(_row_runs(targets, seq_len, vocab))
-    counted_logits = sum(last - first for counted, _, first, last, _ in runs if counted) * vocab
+    counted_logits = int((targets >= 0).sum()) * vocab
     # compiling pays on CPU calls of at least COMPILE_MIN_LOGITS counted logits
     compiled_call = device.type == "cpu" and counted_logits >= COMPILE_MIN_LOGITS
-    for counted, batch, first, last, rows in runs:
+    # The compiled kernel holds no [rows, V] buffer, so it takes whole runs: one parallel
+    # region per run instead of one per 16 MiB chunk. A region ends when its slowest
+    # thread does; with another process on one of two cores, each of the 64 regions of a
+    # 4 x 512 x 128256 call waited for a scheduler slice (1.4 to 5.3 s against 0.18 s).
+    chunked = not (compiled_call and _compiled.get("fn", True) is not None)
+    for counted, batch, first, last, rows in _row_runs(targets, seq_len, vocab, chunked):
         if not counted:
             continue
         z = logits3d[batch, first:last]

@@ -3,11 +3,14 @@ never as a top-level ``kernels`` module (a PyPI package of that name exists)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 import lenalign
 import lenalign.kernels
@@ -18,6 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_editable_install_maps_kernels_into_lenalign():
     assert Path(lenalign.kernels.__file__).resolve().parent == ROOT / "kernels"
     assert lenalign.kernels.__name__ == "lenalign.kernels"
+
+
+def test_the_checkout_imports_as_installed_without_an_install():
+    # lenalign/kernels links to kernels/, so that a machine that cannot install (a GPU box
+    # without an index) runs the checkout from PYTHONPATH with lenalign.kernels in place
+    link = ROOT / "lenalign" / "kernels"
+    assert link.is_symlink() and link.readlink() == Path("..", "kernels")
+    assert link.resolve() == ROOT / "kernels"
 
 
 def test_wheel_ships_lenalign_kernels_and_imports(tmp_path):
@@ -39,7 +50,7 @@ def test_wheel_ships_lenalign_kernels_and_imports(tmp_path):
     )
     (wheel,) = (tmp_path / "dist").glob("lenalign-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "lenalign/kernels/forward.py" in names
+    assert names.count("lenalign/kernels/forward.py") == 1
     assert "lenalign/kernels/backward.py" in names
     assert not any(name.startswith("kernels/") for name in names)
     # every wing ships, and so does the marker that makes type checkers read the hints
@@ -116,3 +127,23 @@ def test_the_checkout_root_gives_no_kernels_module_when_none_is_installed():
     result = run_in_root(code, cwd=ROOT / "tests")
     assert result.returncode == 0, result.stderr
     assert "lenalign.kernels" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("triton", "numpy", "refused"),
+    [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False)],
+)
+def test_a_triton_interpreter_that_cannot_run_with_this_numpy_stops_the_tests(
+    monkeypatch, triton, numpy, refused
+):
+    import conftest
+
+    versions = {"triton": triton, "numpy": numpy}
+    monkeypatch.setattr(importlib.metadata, "version", versions.__getitem__)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    problem = conftest._interpreter_problem()
+    assert (problem is not None) == refused
+    if refused:
+        assert "numpy < 2.4" in problem and f"Triton {triton}" in problem
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled kernels are not affected
+    assert conftest._interpreter_problem() is None

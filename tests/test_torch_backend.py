@@ -65,13 +65,24 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning(compiled_forward,
         attempts.append(args)
         raise RuntimeError("no C++ compiler")
 
+    eager_rows = []
+    eager = torch_backend.row_statistics
+
+    def counted_eager(z, *args):
+        eager_rows.append(len(z))
+        return eager(z, *args)
+
     monkeypatch.setattr(torch_backend, "_compiled", {"fn": broken})
-    # one-row chunks: the call walks several chunks, and only the first tries the compiler
+    monkeypatch.setattr(torch_backend, "row_statistics", counted_eager)
+    # one-row chunks: the call walks several runs, and only the first tries the compiler
     monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 11)
     logits, labels, mask = random_problem(2, 6, 11, seed=5)
     with pytest.warns(RuntimeWarning, match="runs its forward eagerly: .*no C\\+\\+ compiler"):
         out = sequence_logprobs(logits, labels, mask, backend="torch")
     assert len(attempts) == 1
+    # the eager ops hold [rows, V] buffers: they take a chunk at a time, even of the whole
+    # run that was handed to the compiled kernel
+    assert max(eager_rows) == 1 and sum(eager_rows) == int(((labels != -100) & mask).sum())
     truth = naive_sequence_logprobs(logits, labels, mask)
     torch.testing.assert_close(out.sum, truth[0], rtol=1e-12, atol=1e-12)
     assert torch_backend._compiled["fn"] is None  # and eager from then on
@@ -91,3 +102,25 @@ def test_compiled_forward_inside_a_compiled_graph(compiled_forward):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-7)
     assert torch_backend._compiled["fn"] is not None
+
+
+def test_the_compiled_forward_takes_whole_runs_in_one_call(compiled_forward, monkeypatch):
+    # one call per run of counted rows, not one per CHUNK_ELEMENTS chunk: each call is a
+    # parallel region that waits for its slowest thread, which another process on a core
+    # makes slow (docs/benchmarks.md, "Under a background load")
+    calls = []
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 11)  # one-row chunks
+    logits, labels, _ = random_problem(2, 6, 11, seed=7, ignored_fraction=0.0)
+    labels[:, :2] = -100  # a prompt of two positions: one counted run of 4 rows per entry
+    sequence_logprobs(logits, labels, backend="torch")  # compiles
+    compiled = torch_backend._compiled["fn"]
+
+    def counted_compiled(z, *args):
+        calls.append(len(z))
+        return compiled(z, *args)
+
+    monkeypatch.setitem(torch_backend._compiled, "fn", counted_compiled)
+    out = sequence_logprobs(logits, labels, backend="torch")
+    assert calls == [4, 4]
+    truth = naive_sequence_logprobs(logits, labels, None)
+    torch.testing.assert_close(out.sum, truth[0], rtol=1e-12, atol=1e-12)

@@ -30,6 +30,7 @@ import torch
 
 from .case import MIN_REPEATS, RunOptions, worker_main
 from .contenders import CONTENDERS
+from .load import background_load
 from .report import format_table, write_chart, write_json, write_markdown
 from .workload import MODES, CaseSpec
 
@@ -157,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
         "at least 3, and no more once they take 8 s (cpu) or 2 s (cuda)",
     )
     parser.add_argument(
+        "--background-load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep N cores busy with spinning processes while the cases run, as another "
+        "job on a shared machine would (default: 0)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path("bench-results"),
@@ -263,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     if repeats < 1:
         print("lenalign bench: --repeats must be at least 1", file=sys.stderr)
         return 2
+    if args.background_load < 0:
+        print("lenalign bench: --background-load must be at least 0", file=sys.stderr)
+        return 2
     shapes = args.shape or default_shapes(device, args.full)
     specs = [CaseSpec(b, t, v, dtype, device) for b, t, v in shapes]
     options = RunOptions(
@@ -282,15 +294,18 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": repeats,
         "min_repeats": min(MIN_REPEATS, repeats),
         "row_seconds": options.row_seconds,
+        "background_load": args.background_load,
         "cases": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    for case in run_cases(specs, options):
-        report["cases"].append(case)
-        report["seconds"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
-        # rewritten after every case, so an interrupted run keeps what it measured
-        write_json(report, args.out / "bench.json")
-        write_markdown(report, args.out / "bench.md")
+    with background_load(args.background_load):
+        for case in run_cases(specs, options):
+            report["cases"].append(case)
+            now = datetime.datetime.now(datetime.timezone.utc)
+            report["seconds"] = (now - started).total_seconds()
+            # rewritten after every case, so an interrupted run keeps what it measured
+            write_json(report, args.out / "bench.json")
+            write_markdown(report, args.out / "bench.md")
     print(format_table(report))
     chart_problem = write_chart(report, args.out / "bench.png")
     written = ["bench.json", "bench.md"] + ([] if chart_problem else ["bench.png"])

@@ -106,6 +106,12 @@ def _notes(report: dict) -> list[str]:
         "others' CPU: cores' worth of CPU time that other processes used while the row was "
         "timed; well above 0, they disturbed the timing",
     ]
+    if report.get("background_load"):
+        notes.append(
+            f"background load: {report['background_load']} spinning process(es), each "
+            "keeping a core busy while the cases ran (--background-load); the others' CPU "
+            "column counts them"
+        )
     memory_notes = {case.get("memory_note") for case in report["cases"]} - {None}
     notes += [f"peak memory not measured: {note}" for note in sorted(memory_notes)]
     return notes

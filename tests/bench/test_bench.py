@@ -12,11 +12,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from lenalign.bench.cli import main
+from lenalign.bench.load import background_load
 
 WRONG_CONTENDER = """
 from lenalign import sequence_logprobs
@@ -136,3 +138,54 @@ def test_bad_arguments_are_refused(arguments, capsys):
         main(arguments)
     assert exit_info.value.code == 2
     assert "lenalign bench: error:" in capsys.readouterr().err
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_background_load_keeps_cores_busy_and_leaves_nothing_behind():
+    with background_load(2) as spinners:
+        time.sleep(1.0)
+        assert all(spinner.poll() is None for spinner in spinners)
+        # each spins on a core: well above idle, even when the two share one core
+        assert all(_cpu_seconds(spinner.pid) > 0.2 for spinner in spinners)
+    assert all(spinner.poll() is not None for spinner in spinners)
+
+
+def test_a_spinner_stops_once_the_benchmark_that_started_it_is_killed(tmp_path):
+    parent = (
+        "import sys, time\n"
+        "from lenalign.bench.load import background_load\n"
+        "with background_load(1) as spinners:\n"
+        "    print(spinners[0].pid, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    spinner = int(process.stdout.readline())
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{spinner}").exists():
+        state = Path(f"/proc/{spinner}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "Z":  # exited, not yet reaped by its new parent
+            break
+        time.sleep(0.1)
+    else:
+        assert not Path(f"/proc/{spinner}").exists(), "the spinner outlived its parent"
+
+
+def test_the_run_records_its_background_load(tmp_path):
+    command = [
+        sys.executable, "-m", "lenalign.cli", "bench", "--device", "cpu", "--shape", "2x8x16",
+        "--contenders", "eager", "--modes", "forward", "--repeats", "1",
+        "--background-load", "1", "--out", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "bench.json").read_text())["background_load"] == 1
+    assert "background load: 1 spinning process(es)" in (tmp_path / "bench.md").read_text()
+    assert main(["--background-load", "-1"]) == 2

@@ -8,39 +8,20 @@ Triton 3.6's interpreter fails every kernel with numpy 2.4 or newer (a loop boun
 ``range`` as a one-element array, which numpy 2.4 no longer turns into an int:
 ``InterpreterError: TypeError('only 0-dimensional arrays can be converted to Python
 scalars')``); its compiled kernels are not affected. Such a set-up stops here, saying so,
-rather than failing each Triton test with that message.
+rather than failing each Triton test with that message (tests/triton_interpreter.py).
 """
 
-import importlib.metadata
 import os
 
 import pytest
 import torch
-from packaging.version import Version
+from triton_interpreter import interpreter_problem
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _interpreter_problem() -> str | None:
-    """Why Triton's interpreter cannot run lenalign's kernels here, or None."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return None
-    try:
-        triton = Version(importlib.metadata.version("triton"))
-    except importlib.metadata.PackageNotFoundError:
-        return None  # the Triton tests skip themselves
-    numpy = Version(importlib.metadata.version("numpy"))
-    if triton < Version("3.7") and numpy >= Version("2.4"):
-        return (
-            f"Triton {triton}'s interpreter (TRITON_INTERPRET=1) cannot run with numpy "
-            f"{numpy}: it needs numpy < 2.4 (pip install 'numpy<2.4'), or Triton >= 3.7; "
-            "compiled kernels on a GPU are not affected"
-        )
-    return None
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    problem = _interpreter_problem()
+    problem = interpreter_problem()
     if problem:
         pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)

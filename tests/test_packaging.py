@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from triton_interpreter import interpreter_problem
 
 import lenalign
 import lenalign.kernels
@@ -136,14 +137,12 @@ def test_the_checkout_root_gives_no_kernels_module_when_none_is_installed():
 def test_a_triton_interpreter_that_cannot_run_with_this_numpy_stops_the_tests(
     monkeypatch, triton, numpy, refused
 ):
-    import conftest
-
     versions = {"triton": triton, "numpy": numpy}
     monkeypatch.setattr(importlib.metadata, "version", versions.__getitem__)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    problem = conftest._interpreter_problem()
+    problem = interpreter_problem()
     assert (problem is not None) == refused
     if refused:
         assert "numpy < 2.4" in problem and f"Triton {triton}" in problem
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled kernels are not affected
-    assert conftest._interpreter_problem() is None
+    assert interpreter_problem() is None

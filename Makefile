@@ -1,9 +1,11 @@
 # The two commands of the README: `make bench` (the main job) and `make test`.
 #
 # Where python3 has no torch (a CPU machine), both create .venv on first use and install,
-# with the versions pinned by constraints.txt (the lock: what CI has tested), the local
-# CPU build of torch and lenalign in editable mode; nothing resolves to a newer release,
-# and never to a multi-GB CUDA build of torch.
+# with the versions pinned by constraints.txt (the lock: what CI has tested), torch 2.13.0
+# and lenalign in editable mode; nothing resolves to a newer release. Which build of torch
+# 2.13.0 comes is the index's choice: this workplace's machines find the CPU build on
+# their own disk; on a stock Linux machine, PyPI's is a CUDA build of several GB (set
+# PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel index for the make call to get the CPU one).
 #
 # Where python3 already has torch (a GPU box, whose python3 is itself a venv with no
 # network), nothing is installed and no .venv is made: the tests and the bench run on that
@@ -12,7 +14,7 @@
 #
 # `make test-latest` runs the suite against the newest releases instead (a fresh
 # .venv-latest, no lock; torch stays the CPU build), and `make lock` rewrites
-# constraints.txt from them: run test-latest, then lock, then test.
+# constraints.txt from the releases test-latest ran: test-latest, then lock, then test.
 PYTHON ?= python3
 VENV := .venv
 LATEST := .venv-latest
@@ -43,7 +45,6 @@ $(STAMP): pyproject.toml $(LOCK)
 	@touch $(STAMP)
 endif
 
-FORCE:
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -55,27 +56,32 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# the newest releases of everything but torch (held at the CPU build by a constraint:
-# an eager upgrade would take a CUDA build), resolved afresh on every call
-$(LATEST): FORCE
+# The newest releases of everything but torch (held at the CPU build by a constraint: an
+# eager upgrade would take a CUDA build). test-latest resolves them afresh every time;
+# lock freezes the .venv-latest that test-latest last tested (building one if none is
+# there), so that what is locked is what ran.
+$(LATEST)/.installed:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	@echo "$(CPU_TORCH)" > $(LATEST)/torch.txt
 	$(LATEST)/bin/python -m pip install -q -c $(LATEST)/torch.txt --upgrade \
 		--upgrade-strategy eager --no-build-isolation -e "$(EXTRAS)"
+	@touch $@
 
-test-latest: $(LATEST)
+test-latest:
+	rm -rf $(LATEST)
+	$(MAKE) $(LATEST)/.installed
 	$(LATEST)/bin/python -m pytest -q tests
 
 # pip freeze of the newest releases, torch's local version label dropped (torch==2.13.0
 # matches the CPU build here and whatever build a platform's index serves)
-lock: $(LATEST)
+lock: $(LATEST)/.installed
 	@{ \
 		echo "# The lock: the versions make test and make bench install (pip -c), the"; \
 		echo "# newest releases on $$(date -u +%Y-%m-%d) as resolved on Linux x86-64,"; \
-		echo "# $$($(LATEST)/bin/python -c 'import sys; print("Python", sys.version.split()[0])')."; \
-		echo "# Regenerate with make lock (README.md, 'Set-up and the lock')."; \
+		echo "# $$($(LATEST)/bin/python -c 'import sys; print("CPython", sys.version.split()[0])') (on another Python, run make lock there first)."; \
+		echo "# Regenerate with make test-latest, then make lock (README.md, 'Set-up and the lock')."; \
 		$(LATEST)/bin/python -m pip freeze --all --exclude-editable | sed 's/+cpu$$//'; \
 	} > $(LOCK)
 	@echo "wrote $(LOCK)"

@@ -7,8 +7,11 @@ This folder is the checkout's top-level ``kernels/``. Where the checkout's root 
 ``sys.path`` (``python -m pytest``, ``python -c``, a script or a notebook started there),
 Python would find it as the top-level module ``kernels`` before an installed package of
 that name, such as Hugging Face's ``kernels`` that transformers imports. Imported under
-that name, this module hands the name over to the installed package, or to none
-(ModuleNotFoundError), and defines nothing of its own.
+that name, this module hands the name over to the installed package, and defines nothing
+of its own. With none installed, ``kernels`` becomes what Python makes of a folder that
+is no package of its own: an empty namespace, with no file and nothing to import from it
+(``from kernels import x`` raises ImportError), which transformers' availability check
+reads as "not installed".
 """
 
 import importlib.machinery
@@ -17,25 +20,35 @@ import os
 import sys
 
 
+def _is_this_folder(directory: str, here: str) -> bool:
+    """Whether ``directory`` is ``here``, by identity rather than by name: a bind mount or
+    a case-insensitive file system reaches one folder by several names."""
+    try:
+        return os.path.samefile(directory or os.curdir, here)
+    except OSError:  # a sys.path entry that does not exist, or a zip file
+        return False
+
+
 def _hand_over_the_top_level_name() -> None:
     """Put the installed ``kernels`` in ``sys.modules`` in place of this module.
 
     The import system returns whatever ``sys.modules["kernels"]`` holds once this
     module's code has run, so the installed package is what ``import kernels`` yields.
     """
-    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-    # '' stands for the working directory
-    elsewhere = [entry for entry in sys.path if os.path.realpath(entry or os.curdir) != root]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    elsewhere = [entry for entry in sys.path if not _is_this_folder(entry, root)]
     spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
+    if spec is not None and spec.origin and os.path.exists(spec.origin):
+        if os.path.samefile(spec.origin, __file__):  # this file again, by another path
+            spec = None
     if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(
-            f"No module named 'kernels' ({root}/kernels is lenalign's device code, "
-            "importable as lenalign.kernels)",
-            name="kernels",
-        )
+        # no package of that name: an empty namespace, as for a folder without __init__.py
+        spec = importlib.machinery.ModuleSpec("kernels", None, is_package=True)
+        spec.submodule_search_locations = []
     installed = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = installed
-    spec.loader.exec_module(installed)
+    if spec.loader is not None:
+        spec.loader.exec_module(installed)
 
 
 if __name__ == "kernels":

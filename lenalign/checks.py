@@ -90,10 +90,15 @@ def refuse_forward_ad(entry: str, **tensors: object) -> None:
 
     lenalign's operators define a backward only; under ``torch.autograd.forward_ad`` their
     outputs would come back with no tangent, which reads as a zero derivative. (A
-    ``torch.func.jvp`` transform raises by itself.)
+    ``torch.func.jvp`` transform raises by itself.) Outside a dual level nothing can carry
+    a tangent, and the check costs one read of a global, which torch.compile guards on.
     """
-    if torch.compiler.is_compiling():
-        return
+    if forward_ad._current_level >= 0:
+        _refuse_tangents(entry, tensors)
+
+
+@torch.compiler.disable  # unpack_dual is not traceable: a compiled caller runs this eagerly
+def _refuse_tangents(entry: str, tensors: dict[str, object]) -> None:
     for argument, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
             continue  # the argument checks name it

@@ -2,8 +2,9 @@
 
 Same contract as ``lenalign.kernels`` (same arguments, same outputs, same hand-written
 backward). It walks runs of consecutive counted rows as strided views of the logits (no
-gather copies, uncounted rows never read), a chunk of at most ``CHUNK_ELEMENTS`` logits
-at a time: a bound on the fp32 working memory besides the gradient it returns.
+gather copies, uncounted rows never read); its eager ops take a chunk of at most
+``CHUNK_ELEMENTS`` logits at a time: a bound on the fp32 working memory besides the
+gradient it returns.
 
 The forward's per-row statistics (max, then log of the sum of exponentials) are, on CPU
 and for calls of at least ``COMPILE_MIN_LOGITS`` counted logits, one kernel that
@@ -30,17 +31,17 @@ COMPILE_MIN_LOGITS = 1 << 24
 
 
 def _row_runs(
-    targets: torch.Tensor, seq_len: int, vocab: int, chunked: bool = True
+    counted: torch.Tensor, seq_len: int, vocab: int, chunked: bool = True
 ) -> Iterator[tuple[bool, int, int, int, slice]]:
     """Yield (counted, batch, first position, last position + 1, flat rows) over all N rows.
 
-    Runs are maximal stretches of rows of one batch entry that are all counted or all
-    not, cut into chunks of at most CHUNK_ELEMENTS logits when ``chunked``.
+    ``counted`` [N] is the bool mask of counted rows, on the host. Runs are maximal
+    stretches of rows of one batch entry that are all counted or all not, cut into chunks
+    of at most CHUNK_ELEMENTS logits when ``chunked``.
     """
-    n_rows = targets.numel()
+    n_rows = counted.numel()
     if n_rows == 0:
         return
-    counted = (targets >= 0).cpu()
     boundary = torch.ones(n_rows, dtype=torch.bool)
     boundary[1:] = counted[1:] != counted[:-1]
     boundary[::seq_len] = True  # a run never crosses into the next batch entry
@@ -89,7 +90,8 @@ _compiled: dict[str, Callable | None] = {}
 def _statistics(
     z: torch.Tensor, acc: torch.dtype, stats: bool, compiled_call: bool
 ) -> tuple[torch.Tensor, ...]:
-    """``row_statistics`` of one chunk; compiled when ``compiled_call`` and compiling works."""
+    """``row_statistics`` of rows ``z`` (a whole run when compiled, else a chunk); compiled
+    when ``compiled_call`` and compiling works."""
     if compiled_call and "fn" not in _compiled:
         _compiled["fn"] = torch.compile(row_statistics, dynamic=True)
     compiled = _compiled.get("fn") if compiled_call else None
@@ -135,15 +137,16 @@ def row_logprob_forward(
     device = logits3d.device
     dtypes = [acc] * 3 + ([acc, acc, torch.bool, acc] if stats else [])
     outputs = [torch.zeros(n_rows, dtype=dtype, device=device) for dtype in dtypes]
-    counted_logits = int((targets >= 0).sum()) * vocab
+    counted_rows = (targets >= 0).cpu()
     # compiling pays on CPU calls of at least COMPILE_MIN_LOGITS counted logits
-    compiled_call = device.type == "cpu" and counted_logits >= COMPILE_MIN_LOGITS
+    compiled_call = device.type == "cpu" and int(counted_rows.sum()) * vocab >= COMPILE_MIN_LOGITS
+    compiler_failed = "fn" in _compiled and _compiled["fn"] is None
     # The compiled kernel holds no [rows, V] buffer, so it takes whole runs: one parallel
     # region per run instead of one per 16 MiB chunk. A region ends when its slowest
     # thread does; with another process on one of two cores, each of the 64 regions of a
     # 4 x 512 x 128256 call waited for a scheduler slice (1.4 to 5.3 s against 0.18 s).
-    chunked = not (compiled_call and _compiled.get("fn", True) is not None)
-    for counted, batch, first, last, rows in _row_runs(targets, seq_len, vocab, chunked):
+    chunked = not compiled_call or compiler_failed
+    for counted, batch, first, last, rows in _row_runs(counted_rows, seq_len, vocab, chunked):
         if not counted:
             continue
         z = logits3d[batch, first:last]
@@ -179,7 +182,7 @@ def row_logprob_backward(
     """
     acc = log_sum.dtype
     seq_len, vocab = logits3d.shape[1], logits3d.shape[2]
-    for counted, batch, first, last, rows in _row_runs(targets, seq_len, vocab):
+    for counted, batch, first, last, rows in _row_runs((targets >= 0).cpu(), seq_len, vocab):
         out = grad[batch, first:last]
         if not counted:
             out.zero_()

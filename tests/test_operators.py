@@ -215,6 +215,13 @@ def test_forward_mode_ad_raises_naming_lenalign_instead_of_a_missing_tangent(bac
         # plain tensors inside a dual level are no forward-mode use: they go through
         out = sequence_logprobs(logits, labels, mask, shift=True, backend=backend)
         assert torch.autograd.forward_ad.unpack_dual(out.sum).tangent is None
+        # nor does a compiled caller hide the tangent
+        compiled = torch.compile(
+            lambda rows: sequence_logprobs(rows, labels, mask, backend=backend).sum,
+            backend="eager",
+        )
+        with pytest.raises(NotImplementedError, match=r"lenalign\.sequence_logprobs: logits"):
+            compiled(dual)
     # a jvp transform raises by itself
     with pytest.raises(NotImplementedError):
         torch.func.jvp(

@@ -78,56 +78,78 @@ def test_wheel_ships_lenalign_kernels_and_imports(tmp_path):
     assert Path(result.stdout.strip()).resolve() == (site / "lenalign").resolve()
 
 
-def run_in_root(code: str, *, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``code`` in a fresh interpreter whose sys.path[0] is the checkout's root, as for
-    ``python -m pytest``, ``python -c``, a script or a notebook started there."""
-    probe = f"import sys; sys.path.insert(0, {str(ROOT)!r})\n{code}"
-    return subprocess.run(
+def run_in_root(code: str, *, cwd: Path = ROOT, path_zero: str = str(ROOT)) -> str:
+    """``code`` in a fresh interpreter whose sys.path[0] is ``path_zero`` (the checkout's
+    root, or '' for the working directory, as ``python -c`` and notebooks have it), as for
+    ``python -m pytest``, a script or a notebook started there; its output."""
+    probe = f"import sys; sys.path.insert(0, {path_zero!r})\n{code}"
+    result = subprocess.run(
         [sys.executable, "-c", probe], cwd=cwd, capture_output=True, text=True, timeout=300
     )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
-def test_the_checkout_root_does_not_shadow_an_installed_kernels_package():
+BUILD_A_MODEL = (
+    "import transformers\n"
+    "config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, "
+    "num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)\n"
+    "model = transformers.LlamaForCausalLM(config)\n"
+)
+
+
+@pytest.mark.parametrize(
+    "path_zero", [str(ROOT), "", str(ROOT) + "/."], ids=["root", "working-directory", "alias"]
+)
+def test_the_checkout_root_does_not_shadow_an_installed_kernels_package(path_zero):
     # transformers imports Hugging Face's `kernels` (its import name) when it builds a model;
     # from the root, the top-level kernels/ folder used to answer in its place
-    code = (
-        "import importlib.metadata, pathlib\n"
-        "import transformers\n"
-        "config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, "
-        "intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, "
-        "num_key_value_heads=1)\n"
-        "model = transformers.LlamaForCausalLM(config)\n"
-        "import kernels, lenalign, lenalign.kernels\n"
-        "here = pathlib.Path(sys.path[0], 'kernels').resolve()\n"
-        "assert pathlib.Path(kernels.__file__).resolve().parent != here, kernels.__file__\n"
-        "assert importlib.metadata.version('kernels')\n"
+    try:
+        installed = importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels is not installed (transformers >= 5.25 brings it)")
+    init = Path(installed.locate_file("kernels/__init__.py")).resolve()
+    code = BUILD_A_MODEL + (
+        "sys.path.insert(1, sys.path[0])\n"  # the root twice, as a notebook may have it
+        "import pathlib, kernels, lenalign, lenalign.kernels\n"
         "assert lenalign.kernels.row_logprob_forward is not None\n"
         "assert lenalign.kernels.__name__ == 'lenalign.kernels'\n"
-        "print('kernels from', kernels.__file__)\n"
+        "print(pathlib.Path(kernels.__file__).resolve())\n"
     )
-    assert importlib.util.find_spec("kernels") is not None, "Hugging Face's kernels"
-    result = run_in_root(code)
-    assert result.returncode == 0, result.stderr
-    assert "site-packages" in result.stdout
+    assert run_in_root(code, path_zero=path_zero).strip() == str(init)
 
 
-def test_the_checkout_root_gives_no_kernels_module_when_none_is_installed():
-    # every site-packages folder left out: `import kernels` then finds nothing, and must not
-    # fall back to lenalign's device code under a name that is not its own
+def test_the_checkout_root_gives_an_empty_kernels_namespace_when_none_is_installed():
+    # with no `kernels` installed, the name must not reach lenalign's device code: it is
+    # what Python makes of a folder that is no package, an empty namespace, which
+    # transformers' availability check reads as "not installed"
     code = (
-        "sys.path[1:] = [p for p in sys.path[1:] if 'site-packages' not in p]\n"
+        "import importlib.machinery\n"
+        "find_spec = importlib.machinery.PathFinder.find_spec\n"
+        "def hide_the_installed(name, path=None, target=None):\n"
+        "    if name == 'kernels' and path is not None:\n"
+        "        return None\n"
+        "    return find_spec(name, path, target)\n"
+        "importlib.machinery.PathFinder.find_spec = hide_the_installed\n"
+        "import importlib.metadata\n"
+        "version = importlib.metadata.version\n"
+        "def no_metadata(name):\n"
+        "    if name == 'kernels':\n"
+        "        raise importlib.metadata.PackageNotFoundError(name)\n"
+        "    return version(name)\n"
+        "importlib.metadata.version = no_metadata\n"
+        "import kernels\n"
+        "assert getattr(kernels, '__file__', None) is None and list(kernels.__path__) == []\n"
         "try:\n"
-        "    import kernels\n"
-        "except ModuleNotFoundError as error:\n"
-        "    assert error.name == 'kernels', error.name\n"
-        "    assert 'kernels' not in sys.modules\n"
-        "    print('none:', error)\n"
-        "else:\n"
-        "    raise AssertionError(f'imported {kernels.__file__}')\n"
+        "    from kernels import row_logprob_forward\n"
+        "except ImportError as error:\n"
+        "    print('import error:', error)\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "print('available:', is_kernels_available())\n"
     )
-    result = run_in_root(code, cwd=ROOT / "tests")
-    assert result.returncode == 0, result.stderr
-    assert "lenalign.kernels" in result.stdout
+    out = run_in_root(code)
+    assert "import error: cannot import name 'row_logprob_forward'" in out
+    assert "available: False" in out
 
 
 @pytest.mark.parametrize(
@@ -146,3 +168,23 @@ def test_a_triton_interpreter_that_cannot_run_with_this_numpy_stops_the_tests(
         assert "numpy < 2.4" in problem and f"Triton {triton}" in problem
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled kernels are not affected
     assert interpreter_problem() is None
+
+
+def test_a_second_name_for_the_root_does_not_loop(tmp_path):
+    # a bind mount (or a case-insensitive file system) reaches the root by another name
+    # that realpath does not collapse: the handover must not find this folder again there
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(ROOT), str(alias)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mounted.stderr.decode().strip()}")
+    try:
+        code = (
+            f"sys.path.insert(1, {str(alias)!r})\n"
+            "import kernels, pathlib\n"
+            "print(pathlib.Path(getattr(kernels, '__file__', None) or '.').resolve())\n"
+        )
+        out = run_in_root(code, cwd=tmp_path)
+    finally:
+        subprocess.run(["umount", str(alias)], check=True)
+    assert Path(out.strip()) != (ROOT / "kernels" / "__init__.py").resolve()

@@ -30,13 +30,18 @@ while os.getppid() == parent:
 @contextlib.contextmanager
 def background_load(processes: int) -> Iterator[list[subprocess.Popen]]:
     """Run ``processes`` busy processes for the duration of the ``with`` block."""
-    spinners = [
-        subprocess.Popen(
-            [sys.executable, "-c", SPINNER, str(os.getpid())], stdin=subprocess.DEVNULL
-        )
-        for _ in range(processes)
-    ]
+    spinners: list[subprocess.Popen] = []
     try:
+        for _ in range(processes):
+            # a session of its own: Ctrl-C on the benchmark does not reach the spinners,
+            # which the finally below stops
+            spinners.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", SPINNER, str(os.getpid())],
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
         yield spinners
     finally:
         for spinner in spinners:

@@ -11,6 +11,7 @@ for type hints alone.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -170,12 +171,16 @@ def _ignored_fields(config: PreTrainedConfig, text_config: PreTrainedConfig) -> 
     return fields
 
 
+@functools.cache
 def transformers_at_least(release: str) -> bool:
-    """Whether the installed transformers is ``release`` or newer (its models come from
-    there: a caller holding one has it)."""
+    """Whether the installed transformers is ``release`` or newer, its pre-releases and
+    development builds included (5.25.0.dev0 counts as 5.25: a build from the branch that
+    became the release behaves as it does). Its models come from there: a caller holding
+    one has it."""
     from packaging.version import Version
 
-    return Version(importlib.metadata.version("transformers")) >= Version(release)
+    installed = Version(importlib.metadata.version("transformers"))
+    return installed.release >= Version(release).release
 
 
 def backbone_hidden(

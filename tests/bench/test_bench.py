@@ -151,8 +151,8 @@ def test_background_load_keeps_cores_busy_and_leaves_nothing_behind():
     with background_load(2) as spinners:
         time.sleep(1.0)
         assert all(spinner.poll() is None for spinner in spinners)
-        # each spins on a core: well above idle, even when the two share one core
-        assert all(_cpu_seconds(spinner.pid) > 0.2 for spinner in spinners)
+        # each spins: far above an idle process's few milliseconds, even on a busy machine
+        assert all(_cpu_seconds(spinner.pid) > 0.05 for spinner in spinners)
     assert all(spinner.poll() is not None for spinner in spinners)
 
 

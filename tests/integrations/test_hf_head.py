@@ -8,6 +8,7 @@ temperature as sampling divides them, gathered at the labels.
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from hf_head_models import HEAD_FAMILIES, build_head_model
 
 from lenalign import linear_sequence_logprobs
-from lenalign.integrations.hf import fused_head_transform
+from lenalign.integrations.hf import fused_head_transform, transformers_at_least
 
 VOCAB = 96
 IDENTITY = {"logit_scale": 1.0, "logit_softcap": None}
@@ -192,3 +193,26 @@ def test_the_transform_is_the_one_of_trls_fused_head(family):
         theirs = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
     # TRL transforms the logits in float32 whatever their dtype
     torch.testing.assert_close(theirs.double(), ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("installed", "applies"),
+    [("5.24.0", False), ("5.25.0.dev0", True), ("5.25.0", True), ("6.0.0", True)],
+)
+def test_aya_visions_logit_scale_follows_the_installed_transformers(
+    monkeypatch, installed, applies
+):
+    # transformers 5.25's Aya Vision head multiplies by text_config.logit_scale; before, the
+    # head ignored it, and so must the mapping
+    real_version = importlib.metadata.version
+
+    def version(name):
+        return installed if name == "transformers" else real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    transformers_at_least.cache_clear()
+    try:
+        model = build_head_model("aya_vision", VOCAB, seed=1)
+        assert fused_head_transform(model)["logit_scale"] == (0.3 if applies else 1.0)
+    finally:
+        transformers_at_least.cache_clear()

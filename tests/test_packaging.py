@@ -188,3 +188,20 @@ def test_a_second_name_for_the_root_does_not_loop(tmp_path):
     finally:
         subprocess.run(["umount", str(alias)], check=True)
     assert Path(out.strip()) != (ROOT / "kernels" / "__init__.py").resolve()
+
+
+def test_make_on_a_machine_whose_python_has_torch_installs_nothing():
+    # a GPU box: its python3 is a venv with torch and no network; make must neither create
+    # a venv nor call pip, and must run that interpreter with the checkout on PYTHONPATH
+    dry = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "venv", "test", "bench", f"PYTHON={sys.executable}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dry.returncode == 0, dry.stderr
+    commands = dry.stdout
+    assert "pip" not in commands and "-m venv" not in commands
+    assert f'PYTHONPATH="{ROOT}' in commands
+    assert f"{sys.executable} -m pytest -q tests" in commands
+    assert f"{sys.executable} -m lenalign.cli bench" in commands

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Download the wheels that `lenalign bench`'s optional contenders `liger` and `trl` need on
-# a lent GPU box that has no network: run this on a machine that reaches the package index,
-# carry the folder to the box, and there
+# Download the wheels that the optional contenders of `lenalign bench` (`liger`, `trl`) and
+# of benchmarks/linear_head.py (`liger-flce`, `trl-fused-head`, `cce`) need on a lent GPU
+# box that has no network: run this on a machine that reaches the package index, carry the
+# folder to the box, and there
 #
 #   python3 -m pip install --no-index --no-deps --target SITE DIR/*.whl
 #   PYTHONPATH=SITE benchmarks/gpu.sh RESULTS_DIR
@@ -20,14 +21,22 @@ dir=${1:-.whl}
 python=${PYTHON:-python3}
 
 wheels=(
-	# liger_cross_entropy (liger_kernel.transformers.functional): needs only torch and
-	# triton at import time. 0.8.5 is the newest release; it declares torch>=2.1.2,
-	# triton>=2.3.1 and reads transformers only lazily (5.x is what it is tested with).
+	# liger_cross_entropy and liger_fused_linear_cross_entropy
+	# (liger_kernel.transformers.functional): need only torch and triton at import time.
+	# 0.8.5 is the newest release; it declares torch>=2.1.2, triton>=2.3.1 and reads
+	# transformers only lazily (5.x is what it is tested with).
 	liger-kernel==0.8.5
+	# linear_cross_entropy (cut_cross_entropy, Apple's Cut Cross-Entropy): 25.1.1 is the
+	# newest release, a pure-Python wheel whose only requirements are torch and triton
+	# (transformers, accelerate, datasets, deepspeed, ... are extras it does not import).
+	# At import it reads triton.testing (nvsmi, get_max_tensorcore_tflops, ...) and
+	# triton.language.extra.libdevice, which every triton 3.x has.
+	cut-cross-entropy==25.1.1
 	# selective_log_softmax (trl.trainer.utils): 1.16.0 is the newest release. From 1.14
 	# on, on a CUDA bf16/fp16/fp32 tensor it dispatches to TRL's own fused Triton kernel
 	# (trl.kernels.logprob_entropy); up to 1.13 it was a pure-PyTorch log_softmax + gather
-	# loop. It declares accelerate>=1.10.1, transformers>=4.56.2, datasets>=4.7.0.
+	# loop. It declares accelerate>=1.10.1, transformers>=4.56.2, datasets>=4.7.0. Its
+	# fused LM head, trl.kernels.ChunkedLogProbFunction, imports trl.trainer.utils too.
 	trl==1.16.0
 	# trl.trainer.utils does `from datasets import IterableDataset` at module level, so
 	# `datasets` is needed even though nothing of it is used. 5.2.0 is the newest release

@@ -38,9 +38,9 @@ def _hand_over_the_top_level_name() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     elsewhere = [entry for entry in sys.path if not _is_this_folder(entry, root)]
     spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
-    if spec is not None and spec.origin and os.path.exists(spec.origin):
-        if os.path.samefile(spec.origin, __file__):  # this file again, by another path
-            spec = None
+    found = spec.origin if spec is not None else None
+    if found and os.path.exists(found) and os.path.samefile(found, __file__):
+        spec = None  # this file again, by another path
     if spec is None or spec.loader is None:
         # no package of that name: an empty namespace, as for a folder without __init__.py
         spec = importlib.machinery.ModuleSpec("kernels", None, is_package=True)

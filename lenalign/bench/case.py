@@ -39,7 +39,15 @@ from .probes import (
     peak_memory_probe,
     synchronize,
 )
-from .workload import FORWARD, CaseSpec, SequenceFn, StepOutput, Workload, make_workload
+from .workload import (
+    FORWARD,
+    FORWARD_BACKWARD,
+    CaseSpec,
+    SequenceFn,
+    StepOutput,
+    Workload,
+    make_workload,
+)
 
 # rows compared at a time: two 64 MiB float32 buffers whatever the logits' size
 COMPARE_CHUNK_ELEMENTS = 1 << 24
@@ -102,10 +110,13 @@ def eager_reference(workload: Workload) -> Reference:
     Sequences are independent, so this is the eager result of the whole batch; one at a
     time it needs a B-th of eager's memory, which leaves a reference to check against even
     where eager on the whole batch does not fit. The gradient is kept on the host, so it
-    does not count against the device memory of the contenders.
+    does not count against the device memory of the contenders; in page-locked memory
+    beside a GPU, which the checks read back a chunk at a time at the link's full speed
+    (pageable memory would be staged through a bounce buffer at a fraction of it).
     """
     logits = workload.logits.detach()
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device="cpu")
+    pinned = logits.device.type == "cuda"
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device="cpu", pin_memory=pinned)
     sums, means = [], []
     for index in range(logits.shape[0]):
         row = slice(index, index + 1)
@@ -115,9 +126,11 @@ def eager_reference(workload: Workload) -> Reference:
         )
         loss = workload.weight_sum[row] * out.sum + workload.weight_mean[row] * out.mean
         (piece_grad,) = torch.autograd.grad(loss.sum(), piece)
-        grad[index] = piece_grad[0].cpu()
+        grad[index].copy_(piece_grad[0], non_blocking=pinned)
         sums.append(out.sum.detach())
         means.append(out.mean.detach())
+    if pinned:
+        torch.cuda.synchronize(logits.device)  # the copies were asynchronous
     return Reference(sum=torch.cat(sums), mean=torch.cat(means), grad=grad)
 
 
@@ -261,22 +274,28 @@ def measure(
 def add_derived(case: dict) -> None:
     """Add the figures computed from the measurements: ratios to eager and bandwidth.
 
-    The byte floor is the logits' bytes of the counted rows read once by the forward and,
-    with the backward, read again and written as the gradient: 1x or 3x
-    ``element size * counted rows * V``.
+    The byte floor is what any implementation must move: the forward reads the counted
+    rows' logits once; the backward reads them again and writes the whole gradient, the
+    uncounted rows' zeros included (the gradient has the logits' shape):
+    ``element size * V * counted rows`` forward, ``element size * V * (2 * counted rows +
+    positions)`` with the backward.
     """
     eager = {
         row["mode"]: row
         for row in case["results"]
         if row["contender"] == "eager" and row["status"] == "ok"
     }
-    floor_forward = case["element_size"] * case["counted_rows"] * case["vocab"]
+    row_bytes = case["element_size"] * case["vocab"]
+    floors = {
+        FORWARD: row_bytes * case["counted_rows"],
+        FORWARD_BACKWARD: row_bytes * (2 * case["counted_rows"] + case["positions"]),
+    }
     for row in case["results"]:
         if row["status"] != "ok":
             continue
         base = eager.get(row["mode"])
         peak = row.get("peak_bytes")
-        floor_bytes = floor_forward * (1 if row["mode"] == FORWARD else 3)
+        floor_bytes = floors[row["mode"]]
         row["floor_bytes"] = floor_bytes
         row["floor_bytes_per_s"] = floor_bytes / row["median_s"]
         row["floor_pct_of_copy"] = 100 * row["floor_bytes_per_s"] / case["copy_bytes_per_s"]

@@ -101,8 +101,9 @@ def _notes(report: dict) -> list[str]:
         f"(at least {report['min_repeats']}; no more once they take "
         f"{report['row_seconds']:g} s)",
         "peak: memory above the inputs during one call, the returned gradient included",
-        "floor/time: the byte floor (element size x counted rows x V, 3x that with backward) "
-        "over the median time, and that as a percentage of the device's copy bandwidth",
+        "floor/time: the byte floor (element size x V x counted rows forward; with backward "
+        "x (2 counted rows + all positions), since the gradient's uncounted rows are written "
+        "too) over the median time, and that as a percentage of the device's copy bandwidth",
         "others' CPU: cores' worth of CPU time that other processes used while the row was "
         "timed; well above 0, they disturbed the timing",
     ]

@@ -94,11 +94,16 @@ def eager(hidden, weight, labels, mask) -> Output:
 
 @functools.cache
 def _compiled(backend: str) -> Run:
-    # Past the recompile limit dynamo would quietly run the eager code under the compile
-    # name; make that an error (and so a failure) instead, as ``lenalign bench`` does.
-    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
-    return torch.compile(eager, backend=backend)
+    compiled = torch.compile(eager, backend=backend)
+
+    def run(*inputs: torch.Tensor) -> Output:
+        # Past the recompile limit dynamo would quietly run the eager code under the
+        # compile name; make that an error (and so a failure) instead, for these calls
+        # only: the setting is process-wide, and lenalign's torch backend compiles too.
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return compiled(*inputs)
+
+    return run
 
 
 def compile_contender(backend: str = "inductor") -> HeadContender:

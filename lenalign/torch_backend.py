@@ -98,7 +98,9 @@ def _statistics(
     if compiled is None:
         return _eager_statistics(z, acc, stats)
     try:
-        return compiled(z, acc, stats)
+        # detached: the statistics carry no gradient, and a tensor that requires grad
+        # would make dynamo compile a second variant of the same kernel
+        return compiled(z.detach(), acc, stats)
     except (MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as error:  # any compiler failure: compilation is an optimization

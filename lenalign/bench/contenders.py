@@ -58,14 +58,15 @@ def _eager(workload: Workload) -> SequenceFn:
 
 
 def _compiled(workload: Workload) -> SequenceFn:
-    # Past the recompile limit dynamo would quietly run the eager code and the table would
-    # show eager times under the compile name; make that an error (and so a failure) instead.
-    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
     compiled = torch.compile(reference_sequence_logprobs)
 
     def run(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = compiled(logits, workload.labels, workload.mask, shift=True)
+        # Past the recompile limit dynamo would quietly run the eager code and the table
+        # would show eager times under the compile name; make that an error (and so a
+        # failure) instead, for these calls only: the setting is process-wide, and
+        # lenalign's torch backend compiles too.
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            out = compiled(logits, workload.labels, workload.mask, shift=True)
         return out.sum, out.mean
 
     return run

@@ -5,17 +5,18 @@
 #
 # Steps, most needed first (estimates on one H200 in brackets, printed before starting):
 #   1. kernel tests, compiled: past 2**31 logits, gradcheck, accuracy, token statistics,
-#      the registered operators under torch.compile and opcheck on CUDA tensors   [150 s]
+#      the registered operators under torch.compile and opcheck on CUDA tensors   [180 s]
 #   2. `lenalign bench` from logits, bf16 [16384, 128256] and [4096, 151936]: lenalign
-#      (plain, in place) against eager, torch.compile, Liger and TRL             [75 s]
+#      (plain, in place) against eager, torch.compile, Liger and TRL             [100 s]
 #   3. benchmarks/linear_head.py from hidden states: lenalign against eager, compile,
-#      TRL's fused head, Liger's fused linear cross entropy, cut-cross-entropy   [90 s]
-#   4. benchmarks/tune.py, the (BLOCK_V, num_warps) sweep of the row kernels      [90 s]
+#      TRL's fused head, Liger's fused linear cross entropy, cut-cross-entropy   [100 s]
+#   4. benchmarks/tune.py, the (BLOCK_V, num_warps) sweep of the row kernels      [60 s]
 #
 # The budget (--budget, else $LENALIGN_GPU_BUDGET, else 480 s; 170 s with --dry) bounds
 # the whole run: a step starts only if its estimate fits in what is left, and is stopped
-# (SIGINT, so pytest and the scripts print what they have) when the budget runs out.
-# $LENALIGN_GPU_ESTIMATES ("150 75 90 90") replaces the four estimates.
+# (SIGINT, so pytest and the scripts print what they have) once it has used the slack
+# and would eat into the later steps' estimates.
+# $LENALIGN_GPU_ESTIMATES ("180 100 100 60") replaces the four estimates.
 # After every step, ran or skipped, RESULTS_DIR/results.tar.gz is rewritten with all the
 # files so far (machine.txt, the logs, bench.json/md/png, linear_head.json/md,
 # tune.json/md, progress.txt) and RESULTS_DIR/progress.txt with one line per step: a
@@ -84,20 +85,22 @@ collect() { # the files so far into RESULTS_DIR, replaced whole
 	tar czf "$out/.results.tar.gz.partial" -C "$work" . &&
 		mv "$out/.results.tar.gz.partial" "$out/results.tar.gz"
 }
-step() { # step NAME LOG ESTIMATE COMMAND...
-	local name=$1 log=$2 estimate=$3 started=$SECONDS code left
-	shift 3
+step() { # step NAME LOG ESTIMATE LATER COMMAND...: LATER, the later steps' estimates
+	local name=$1 log=$2 estimate=$3 later=$4 started=$SECONDS code left cap
+	shift 4
 	left=$((budget - SECONDS))
 	if [ "$left" -lt "$estimate" ]; then
 		note "$name: skipped: ${left} s of the ${budget} s budget left, it needs about ${estimate} s"
 		collect
 		return
 	fi
-	note "$name: started, about ${estimate} s, ${left} s left"
-	timeout --signal=INT --kill-after=20 "$left" "$@" 2>&1 | tee "$work/$log"
+	# a step may overrun its estimate into the slack, not into the later steps' estimates
+	cap=$((left - later > estimate ? left - later : estimate))
+	note "$name: started, about ${estimate} s, stopped after ${cap} s, ${left} s left"
+	timeout --signal=INT --kill-after=20 "$cap" "$@" 2>&1 | tee "$work/$log"
 	code=${PIPESTATUS[0]}
 	if [ "$code" -eq 124 ]; then
-		note "$name: stopped at the end of the budget after $((SECONDS - started)) s (exit status 124)"
+		note "$name: stopped at its share of the budget after $((SECONDS - started)) s (exit status 124)"
 	else
 		note "$name: exit status $code after $((SECONDS - started)) s"
 	fi
@@ -139,7 +142,8 @@ esac
 # the budget counts from here: the set-up above (imports, nvidia-smi) takes a few seconds
 SECONDS=0
 
-pytest_args=(-q -rs -p no:cacheprovider --rootdir "$repo")
+# --durations: this one run also says where the kernel tests' time went
+pytest_args=(-q -rs -p no:cacheprovider --durations=25 --rootdir "$repo")
 # a hung test fails alone instead of eating the budget
 if "$python" -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout 120); fi
 if [ "$dry" -eq 1 ]; then
@@ -156,7 +160,7 @@ else
 	bench_args=(--device cuda --shape 8x2048x128256 --shape 4x1024x151936)
 	head_args=()
 	tune_args=()
-	estimates=(150 75 90 90)
+	estimates=(180 100 100 60)
 fi
 # a box slower or faster than the one the estimates come from can scale the plan
 if [ -n "${LENALIGN_GPU_ESTIMATES:-}" ]; then estimates=("${custom_estimates[@]}"); fi
@@ -166,13 +170,13 @@ note "plan: kernel tests ${estimates[0]} s, bench ${estimates[1]} s," \
 	"budget$([ "$dry" -eq 1 ] && echo ' (dry run)')"
 collect
 
-step "kernel tests" tests.log "${estimates[0]}" \
+step "kernel tests" tests.log "${estimates[0]}" $((estimates[1] + estimates[2] + estimates[3])) \
 	"$python" -m pytest "${pytest_args[@]}" "${kernel_tests[@]/#/$repo/}"
-step "lenalign bench" bench.log "${estimates[1]}" \
+step "lenalign bench" bench.log "${estimates[1]}" $((estimates[2] + estimates[3])) \
 	"$python" -m lenalign.cli bench "${bench_args[@]}" --out "$work"
-step "linear head" linear_head.log "${estimates[2]}" \
+step "linear head" linear_head.log "${estimates[2]}" "${estimates[3]}" \
 	"$python" "$repo/benchmarks/linear_head.py" "${head_args[@]}" --out "$work"
-step "tune" tune.log "${estimates[3]}" \
+step "tune" tune.log "${estimates[3]}" 0 \
 	"$python" "$repo/benchmarks/tune.py" "${tune_args[@]}" --out "$work"
 note "done: exit status $status; results in $out/results.tar.gz"
 collect

@@ -51,11 +51,12 @@ class Problem:
     """Logits [1, rows, V] of every row counted, targets, and the PyTorch backend's answer."""
 
     def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> None:
-        generator = torch.Generator(device="cpu").manual_seed(vocab)
-        logits = 3 * torch.randn(1, rows, vocab, generator=generator)
-        self.logits = logits.to(dtype=dtype, device=device)
-        self.targets = torch.randint(0, vocab, (rows,), generator=generator).to(device)
-        self.coef = torch.rand(rows, generator=generator).add_(0.5).to(device)
+        # drawn on the device: 8192 x 262144 normals take about 20 s on a CPU core
+        generator = torch.Generator(device=device).manual_seed(vocab)
+        logits = 3 * torch.randn(1, rows, vocab, generator=generator, device=device)
+        self.logits = logits.to(dtype=dtype)
+        self.targets = torch.randint(0, vocab, (rows,), generator=generator, device=device)
+        self.coef = torch.rand(rows, generator=generator, device=device).add_(0.5)
         self.grad = torch.empty_like(self.logits)
         self.want_logprob, self.row_max, self.log_sum = torch_backend.row_logprob_forward(
             self.logits, self.targets, torch.float32

@@ -74,7 +74,8 @@ def test_saved_tensors_hooks_see_every_saved_tensor(path, backend):
 
         def loss_of(rows):
             out = sequence_logprobs(rows, labels, mask, backend=backend)
-            return (out.mean * torch.tensor([1.0, -3.0], dtype=torch.float64)).sum()
+            weights = torch.tensor([1.0, -3.0], dtype=torch.float64, device=DEVICE)
+            return (out.mean * weights).sum()
 
         rows = logits
     else:
@@ -100,14 +101,17 @@ def test_saved_tensors_hooks_see_every_saved_tensor(path, backend):
 
 
 def _overlapping_logits(kind: str) -> torch.Tensor:
-    """4 x 13 x 6 logits whose elements share memory."""
+    """4 x 13 x 6 logits whose elements share memory, on the tests' device (moved before
+    the overlapping view is taken: moving the view would copy it apart)."""
     generator = torch.Generator().manual_seed(5)
     if kind == "expanded over the batch":
-        return torch.randn(1, 13, 6, generator=generator, dtype=torch.float64).expand(4, 13, 6)
+        base = torch.randn(1, 13, 6, generator=generator, dtype=torch.float64).to(DEVICE)
+        return base.expand(4, 13, 6)
     if kind == "expanded over time":
-        return torch.randn(4, 1, 6, generator=generator, dtype=torch.float64).expand(4, 13, 6)
+        base = torch.randn(4, 1, 6, generator=generator, dtype=torch.float64).to(DEVICE)
+        return base.expand(4, 13, 6)
     # a sliding window: row t starts 2 elements after row t - 1 and overlaps it
-    flat = torch.randn(4 * 40, generator=generator, dtype=torch.float64)
+    flat = torch.randn(4 * 40, generator=generator, dtype=torch.float64).to(DEVICE)
     return flat.as_strided((4, 13, 6), (40, 2, 1))
 
 
@@ -117,7 +121,7 @@ def _overlapping_logits(kind: str) -> torch.Tensor:
 )
 def test_inplace_backward_refuses_logits_that_overlap_themselves(kind, backend):
     generator = torch.Generator().manual_seed(6)
-    labels = torch.randint(0, 6, (4, 13), generator=generator)
+    labels = torch.randint(0, 6, (4, 13), generator=generator).to(DEVICE)
     source = _overlapping_logits(kind)
     logits = source.detach().requires_grad_()  # a leaf that keeps the overlapping strides
     assert logits.stride() == source.stride()

@@ -84,14 +84,15 @@ def test_a_spent_budget_skips_the_steps_and_still_returns_the_files(tmp_path):
 
 
 def test_a_step_is_stopped_at_the_end_of_the_budget(tmp_path):
-    # estimates of 1 s and a 3 s budget: the kernel tests start, and torch's import alone
-    # outlasts what is left of the budget
+    # the kernel tests estimated at 1 s and the later steps at 5 s each, in a 3 s budget:
+    # the tests start, get 1 s (the rest is the later steps' share, though they cannot
+    # fit), and torch's import alone outlasts it
     result = run_script(
-        tmp_path / "out", "--dry", "--budget", "3", env={"LENALIGN_GPU_ESTIMATES": "1 1 1 1"}
+        tmp_path / "out", "--dry", "--budget", "3", env={"LENALIGN_GPU_ESTIMATES": "1 5 5 5"}
     )
     assert result.returncode == 124, result.stderr
     progress = (tmp_path / "out" / "progress.txt").read_text()
-    assert "kernel tests: stopped at the end of the budget" in progress
+    assert "kernel tests: stopped at its share of the budget" in progress
     for step in STEPS[1:]:
         assert f"{step}: skipped: " in progress
     assert (tmp_path / "out" / "results.tar.gz").exists()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 from trl_helpers import (
     assert_close_metrics,
@@ -17,6 +17,7 @@ from trl_helpers import (
     assert_same_parameters,
     make_trainer,
     preference_dataset,
+    tiny_mixtral,
     tiny_model,
     tokenizer,
     trained,
@@ -91,26 +92,6 @@ def test_bf16_autocast_step(tmp_path):
     # the first step's figures; later ones drift apart by bf16 rounding of the updates
     expected, got = both(tmp_path, bf16=True, use_cpu=True, max_steps=1)
     assert_close_metrics(expected.state.log_history[0], got.state.log_history[0])
-
-
-def tiny_mixtral(seed: int) -> MixtralForCausalLM:
-    config = MixtralConfig(
-        vocab_size=len(tokenizer()),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        output_router_logits=True,
-        router_aux_loss_coef=0.02,
-        pad_token_id=tokenizer().pad_token_id,
-        eos_token_id=tokenizer().eos_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MixtralForCausalLM(config)
 
 
 def test_mixture_of_experts_router_loss(tmp_path):

@@ -8,56 +8,22 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from trl import DPOConfig, DPOTrainer
-from trl_helpers import make_trainer, preference_dataset
+from trl_helpers import (
+    VocabRows,
+    forbid_forward,
+    make_trainer,
+    preference_dataset,
+    profiled_vocab_rows,
+)
 
 from lenalign.integrations.trl import LenalignDPOConfig, LenalignDPOTrainer
-
-
-class VocabRows(TorchDispatchMode):
-    """The largest number of vocabulary rows (elements / V) of any op output whose last
-    dimension is V, and every such output of three or more dimensions."""
-
-    def __init__(self, vocab: int) -> None:
-        super().__init__()
-        self.vocab, self.rows, self.padded = vocab, 0, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            is_matrix = isinstance(tensor, torch.Tensor) and tensor.dim() >= 2
-            if is_matrix and tensor.shape[-1] == self.vocab:
-                self.rows = max(self.rows, tensor.numel() // self.vocab)
-                if tensor.dim() >= 3:
-                    self.padded.append(tuple(tensor.shape))
-        return out
-
-
-def profiled_vocab_rows(prof, vocab: int, hidden: int) -> int:
-    """The same from the profiler's input shapes, which also sees the ops inside
-    lenalign's registered operators (a dispatch mode sees only the operator)."""
-    rows = 0
-    for event in prof.events():
-        for shape in event.input_shapes or ():
-            # the head's weight, transposed for the matmul, is [H, V]: not logits
-            if len(shape) >= 2 and shape[-1] == vocab and tuple(shape) != (hidden, vocab):
-                rows = max(rows, int(torch.tensor(shape[:-1]).prod()))
-    return rows
 
 
 def counted_rows(trainer) -> int:
     """The most counted label positions of any training or evaluation batch."""
     loaders = (trainer.get_train_dataloader(), trainer.get_eval_dataloader())
     return max(int(batch["completion_mask"][:, 1:].sum()) for loader in loaders for batch in loader)
-
-
-def forbid_forward(module: torch.nn.Module) -> None:
-    def fail(*_):
-        raise AssertionError("the LM head's forward was called")
-
-    module.register_forward_hook(fail)
 
 
 def watched_run(trainer_cls, config_cls, output_dir):

@@ -1,6 +1,7 @@
-"""Shared set-up of the TRL integration's tests: a tiny Llama built in code, a byte
-tokenizer, an in-memory preference data set, and trainers of both kinds run from the
-same seed on them (nothing is downloaded, nothing is reported, output goes to tmp_path).
+"""Shared set-up of the TRL integration's tests: a tiny Llama (and a tiny Mixtral) built in
+code, a byte tokenizer, an in-memory preference data set, trainers of both kinds run from
+the same seed on them (nothing is downloaded, nothing is reported, output goes to
+tmp_path), and the watches that see whether a step forms vocabulary-sized tensors.
 
 Optimization is plain SGD: Adam divides each gradient element by its own running size,
 so elements whose gradient is rounding noise move by the full learning rate in a random
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import LlamaForCausalLM
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformers import LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from lenalign.train import build_byte_tokenizer, build_tiny_llama
 
@@ -179,3 +182,61 @@ def completion_scores(
     sums = (picked * mask).sum(dim=1)
     counts = mask.sum(dim=1).double()
     return sums / counts**exponent, sums, counts
+
+
+class VocabRows(TorchDispatchMode):
+    """The largest number of vocabulary rows (elements / V) of any op output whose last
+    dimension is V, and every such output of three or more dimensions."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.rows, self.padded = vocab, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            is_matrix = isinstance(tensor, torch.Tensor) and tensor.dim() >= 2
+            if is_matrix and tensor.shape[-1] == self.vocab:
+                self.rows = max(self.rows, tensor.numel() // self.vocab)
+                if tensor.dim() >= 3:
+                    self.padded.append(tuple(tensor.shape))
+        return out
+
+
+def profiled_vocab_rows(prof, vocab: int, hidden: int) -> int:
+    """The same from the profiler's input shapes, which also sees the ops inside
+    lenalign's registered operators (a dispatch mode sees only the operator)."""
+    rows = 0
+    for event in prof.events():
+        for shape in event.input_shapes or ():
+            # the head's weight, transposed for the matmul, is [H, V]: not logits
+            if len(shape) >= 2 and shape[-1] == vocab and tuple(shape) != (hidden, vocab):
+                rows = max(rows, int(torch.tensor(shape[:-1]).prod()))
+    return rows
+
+
+def forbid_forward(module: torch.nn.Module) -> None:
+    def fail(*_):
+        raise AssertionError("the LM head's forward was called")
+
+    module.register_forward_hook(fail)
+
+
+def tiny_mixtral(seed: int) -> MixtralForCausalLM:
+    config = MixtralConfig(
+        vocab_size=len(tokenizer()),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.02,
+        pad_token_id=tokenizer().pad_token_id,
+        eos_token_id=tokenizer().eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MixtralForCausalLM(config)

@@ -1,8 +1,9 @@
-"""TRL's DPOTrainer on lenalign: a two-line switch of a TRL script.
+"""TRL's DPOTrainer and SFTTrainer on lenalign: a two-line switch of a TRL script.
 
 ::
 
     from lenalign.integrations.trl import LenalignDPOConfig, LenalignDPOTrainer
+    from lenalign.integrations.trl import LenalignSFTConfig, LenalignSFTTrainer
 
 ``LenalignDPOTrainer`` is a ``trl.DPOTrainer`` whose policy and reference
 log-likelihoods come from ``lenalign.linear_sequence_logprobs`` on the hidden states
@@ -13,14 +14,21 @@ length-normalized scores. ``LenalignDPOConfig`` is ``trl.DPOConfig`` with
 ``length_normalization``, ``simpo_gamma`` and ``rdpo_alpha``. docs/integrations.md has
 the fields, the table of loss types and the measured figures.
 
+``LenalignSFTTrainer`` is a ``trl.SFTTrainer`` whose default loss ("nll", and "dft") and
+logged metrics come from the same head (no [N, V] logits), padding-free batches scored
+per packed sequence; ``LenalignSFTConfig`` is ``trl.SFTConfig`` with
+``length_normalization``: "token" (SFTTrainer's token mean), "sequence" or a lambda.
+
 Modules, one concern each: ``requirement`` (the TRL check), ``config`` (the config and
 its checks), ``objectives`` (the loss formulas), ``head`` (the forward that scores the
 LM head's input), ``packing`` (padding-free batches), ``metrics`` (DPOTrainer's logged
-metrics), ``trainer`` (the trainer).
+metrics), ``trainer`` (the trainer), ``sft_config`` and ``sft`` (SFT's config and
+trainer).
 
-Public names: ``LenalignDPOConfig``, ``LenalignDPOTrainer``, ``LOSS_TYPES`` (the loss
-types accepted), ``TESTED_TRL_SERIES``. Importing this package needs the ``[trl]`` extra
-(``pip install 'lenalign[trl]'``); without it the ImportError says so.
+Public names: ``LenalignDPOConfig``, ``LenalignDPOTrainer``, ``LenalignSFTConfig``,
+``LenalignSFTTrainer``, ``LOSS_TYPES`` (the DPO loss types accepted),
+``TESTED_TRL_SERIES``. Importing this package needs the ``[trl]`` extra (``pip install
+'lenalign[trl]'``); without it the ImportError says so.
 """
 
 from .requirement import TESTED_TRL_SERIES, require_trl
@@ -28,6 +36,15 @@ from .requirement import TESTED_TRL_SERIES, require_trl
 require_trl()
 
 from .config import LOSS_TYPES, LenalignDPOConfig  # noqa: E402  (after the TRL check)
+from .sft import LenalignSFTTrainer  # noqa: E402
+from .sft_config import LenalignSFTConfig  # noqa: E402
 from .trainer import LenalignDPOTrainer  # noqa: E402
 
-__all__ = ["LOSS_TYPES", "TESTED_TRL_SERIES", "LenalignDPOConfig", "LenalignDPOTrainer"]
+__all__ = [
+    "LOSS_TYPES",
+    "TESTED_TRL_SERIES",
+    "LenalignDPOConfig",
+    "LenalignDPOTrainer",
+    "LenalignSFTConfig",
+    "LenalignSFTTrainer",
+]

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ... import linear_sequence_logprobs
+from ...checks import fail
 from ...outputs import SequenceLogProbs
 from ..hf import fused_head_transform
 
@@ -163,3 +164,17 @@ def _load_balancing_loss(
         num_experts = getattr(text_config, "num_local_experts", None) or model.num_experts
     top_k = getattr(text_config, "num_experts_per_tok", None) or model.num_experts_per_tok
     return load_balancing_loss_func(outputs.router_logits, num_experts, top_k, attention_mask)
+
+
+def refuse_zero3(args: object) -> None:
+    """Refuse DeepSpeed ZeRO-3 in a trainer's config, naming ``deepspeed``: lenalign's
+    backward reads the LM head's weight, which ZeRO-3 keeps partitioned outside the
+    head's own forward."""
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        fail(
+            "deepspeed",
+            "ZeRO stage 0 to 2 (lenalign's backward reads the LM head's weight, which "
+            "ZeRO-3 keeps partitioned outside the head's own forward)",
+            "ZeRO stage 3",
+        )

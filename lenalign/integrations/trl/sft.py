@@ -25,7 +25,7 @@ from trl.trainer.utils import get_config_model_id
 from ...checks import fail
 from ...losses import sequence_score
 from ...outputs import SequenceLogProbs
-from .head import HeadRequest, install_lenalign_head
+from .head import HeadRequest, install_lenalign_head, refuse_zero3
 from .sft_config import LenalignSFTConfig, resolve_sft_normalization
 
 
@@ -88,14 +88,7 @@ class LenalignSFTTrainer(SFTTrainer):
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = LenalignSFTConfig(f"{name.split('/')[-1]}-SFT")
         self._exponent = resolve_sft_normalization(args)
-        plugin = getattr(args, "deepspeed_plugin", None)
-        if plugin is not None and plugin.zero_stage == 3:
-            fail(
-                "deepspeed",
-                "ZeRO stage 0 to 2 (lenalign's backward reads the LM head's weight, which "
-                "ZeRO-3 keeps partitioned outside the head's own forward)",
-                "ZeRO stage 3",
-            )
+        refuse_zero3(args)
         super().__init__(model, args, *positional, **kwargs)
         if self._exponent is not None and not self._lenalign_loss():
             fail(

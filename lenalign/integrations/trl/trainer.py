@@ -27,7 +27,7 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 from ...checks import fail
 from ...outputs import SequenceLogProbs
 from .config import LenalignDPOConfig, resolve_settings
-from .head import HeadRequest, install_lenalign_head
+from .head import HeadRequest, install_lenalign_head, refuse_zero3
 from .metrics import record_metrics
 from .objectives import (
     PairScores,
@@ -101,14 +101,7 @@ class LenalignDPOTrainer(DPOTrainer):
         # model (or its wrapper) -> the causal LM with lenalign's forward; unwrapping asks
         # the package metadata whether peft is installed, too slow for every forward
         self._causal_lms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        plugin = args.deepspeed_plugin
-        if plugin is not None and plugin.zero_stage == 3:
-            fail(
-                "deepspeed",
-                "ZeRO stage 0 to 2 (lenalign's backward reads the LM head's weight, which "
-                "ZeRO-3 keeps partitioned outside the head's own forward)",
-                "ZeRO stage 3",
-            )
+        refuse_zero3(args)
         # DPOTrainer turns padding_free off with a warning that it is unavailable; here it
         # is available, so hide it from DPOTrainer and restore it
         padding_free = args.padding_free

@@ -1,11 +1,14 @@
-"""A DPO training step: trl's DPOTrainer against lenalign's LenalignDPOTrainer.
+"""A training step of a TRL trainer against its lenalign switch: DPOTrainer against
+LenalignDPOTrainer, or with ``--kind sft`` SFTTrainer against LenalignSFTTrainer.
 
-    python benchmarks/trl_step.py                 # CPU: the two cases below
-    python benchmarks/trl_step.py --case vocab128k --steps 8
+    python benchmarks/trl_step.py                 # CPU: DPO, the two cases below
+    python benchmarks/trl_step.py --kind sft --case vocab128k --steps 8
 
 Both trainers get the same model (built from a config, seeded), the same in-memory data
-set and the same DPOConfig (TRL's defaults, gradient checkpointing included; bf16 on a
-GPU, fp32 on CPU), and run in their own fresh process, one after the other. A callback
+set (preference pairs for DPO; the chosen completions as prompt-completion rows for SFT,
+which then trains on the completions only, SFTTrainer's default) and the same config
+(TRL's defaults; bf16 on a GPU, fp32 on CPU), and run in their own fresh process, one
+after the other. A callback
 times every optimizer step and measures its peak memory above the level at the step's
 start (the host's resident memory on CPU, PyTorch's allocator on a GPU); the first
 ``--warmup`` steps are dropped, and the median time and the largest peak are reported.
@@ -42,6 +45,20 @@ CASES = {
     },
 }
 TRAINERS = ("trl", "lenalign")
+# kind -> TRL's config and trainer; lenalign's are the same names prefixed "Lenalign", in
+# lenalign.integrations.trl
+KINDS = {"dpo": ("DPOConfig", "DPOTrainer"), "sft": ("SFTConfig", "SFTTrainer")}
+
+
+def classes(kind: str, trainer_name: str) -> tuple[type, type]:
+    """The (config, trainer) classes of ``kind`` for "trl" or "lenalign"."""
+    import trl
+
+    import lenalign.integrations.trl as ours
+
+    if trainer_name == "trl":
+        return tuple(getattr(trl, name) for name in KINDS[kind])
+    return tuple(getattr(ours, f"Lenalign{name}") for name in KINDS[kind])
 
 
 def build(case: dict, seed: int):
@@ -84,23 +101,24 @@ def build(case: dict, seed: int):
     return model, tokenizer, Dataset.from_list(rows)
 
 
-def worker(trainer_name: str, case_name: str, steps: int, device_type: str) -> dict:
+def worker(kind: str, trainer_name: str, case_name: str, steps: int, device_type: str) -> dict:
     """One trainer's run in this process: per-step seconds, peak bytes and losses."""
     from transformers import TrainerCallback
 
     from lenalign.bench import peak_memory_probe, synchronize
 
-    if trainer_name == "trl":
-        from trl import DPOConfig as Config
-        from trl import DPOTrainer as Trainer
-    else:
-        from lenalign.integrations.trl import LenalignDPOConfig as Config
-        from lenalign.integrations.trl import LenalignDPOTrainer as Trainer
-
+    Config, Trainer = classes(kind, trainer_name)
     device = torch.device(device_type)
     case = CASES[case_name]
     model, tokenizer, dataset = build(case, seed=0)
-    reference, _, _ = build(case, seed=1)
+    extra = {}
+    if kind == "dpo":
+        extra["ref_model"] = build(case, seed=1)[0]
+    else:
+        dataset = dataset.map(
+            lambda row: {"prompt": row["prompt"], "completion": row["chosen"]},
+            remove_columns=["chosen", "rejected"],
+        )
     probe = peak_memory_probe(device)
     records: list[dict] = []
 
@@ -131,7 +149,7 @@ def worker(trainer_name: str, case_name: str, steps: int, device_type: str) -> d
         )
         trainer = Trainer(
             model=model,
-            ref_model=reference,
+            **extra,
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
@@ -142,9 +160,9 @@ def worker(trainer_name: str, case_name: str, steps: int, device_type: str) -> d
     return {"records": records, "losses": losses}
 
 
-def run_worker(trainer_name: str, case_name: str, steps: int, device_type: str) -> dict:
+def run_worker(kind: str, trainer_name: str, case_name: str, steps: int, device_type: str) -> dict:
     command = [sys.executable, __file__, "--worker", trainer_name, "--case", case_name]
-    command += ["--steps", str(steps), "--device", device_type]
+    command += ["--kind", kind, "--steps", str(steps), "--device", device_type]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise RuntimeError(f"{trainer_name} worker failed:\n{completed.stderr[-4000:]}")
@@ -158,6 +176,7 @@ def summary(result: dict, warmup: int) -> tuple[float, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kind", choices=list(KINDS), default="dpo")
     parser.add_argument("--case", choices=list(CASES), action="append")
     parser.add_argument("--steps", type=int, default=None, help="default: 12 tiny, 6 vocab128k")
     parser.add_argument("--warmup", type=int, default=2)
@@ -166,17 +185,28 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if options.worker:
         case_name = options.case[0]
-        print(json.dumps(worker(options.worker, case_name, options.steps, options.device)))
+        print(
+            json.dumps(
+                worker(options.kind, options.worker, case_name, options.steps, options.device)
+            )
+        )
         return 0
 
     from lenalign.bench import machine_description
 
     print(json.dumps(machine_description(torch.device(options.device))))
-    header = "| case | trainer | median s / step | peak MiB / step | vs DPOTrainer (time, memory) |"
+    trainer_class = KINDS[options.kind][1]
+    labels = [trainer_class, f"Lenalign{trainer_class}"]
+    header = (
+        f"| case | trainer | median s / step | peak MiB / step | vs {labels[0]} (time, memory) |"
+    )
     lines = [header, "| --- | --- | --- | --- | --- |"]
     for case_name in options.case or list(CASES):
         steps = options.steps or (12 if case_name == "tiny" else 6)
-        results = {name: run_worker(name, case_name, steps, options.device) for name in TRAINERS}
+        results = {
+            name: run_worker(options.kind, name, case_name, steps, options.device)
+            for name in TRAINERS
+        }
         # both ran the same steps on the same data: their losses must agree
         for theirs, ours in zip(
             results["trl"]["losses"], results["lenalign"]["losses"], strict=True
@@ -187,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in TRAINERS:
             seconds, peak = summary(results[name], options.warmup)
             ratio = f"{seconds / base_time:.2f}x, {peak / max(base_peak, 1):.2f}x"
-            label = "DPOTrainer" if name == "trl" else "LenalignDPOTrainer"
+            label = labels[TRAINERS.index(name)]
             lines.append(
                 f"| {case_name} | {label} | {seconds:.3f} | {peak / 2**20:.1f} | {ratio} |"
             )

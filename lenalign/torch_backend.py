@@ -90,8 +90,8 @@ _compiled: dict[str, Callable | None] = {}
 def _statistics(
     z: torch.Tensor, acc: torch.dtype, stats: bool, compiled_call: bool
 ) -> tuple[torch.Tensor, ...]:
-    """``row_statistics`` of rows ``z`` (a whole run when compiled, else a chunk); compiled
-    when ``compiled_call`` and compiling works."""
+    """``row_statistics`` of a run of rows ``z``; compiled (the whole run at once) when
+    ``compiled_call`` and compiling works, else by the eager ops a chunk at a time."""
     if compiled_call and "fn" not in _compiled:
         _compiled["fn"] = torch.compile(row_statistics, dynamic=True)
     compiled = _compiled.get("fn") if compiled_call else None
@@ -114,8 +114,8 @@ def _statistics(
 
 
 def _eager_statistics(z: torch.Tensor, acc: torch.dtype, stats: bool) -> tuple[torch.Tensor, ...]:
-    """``row_statistics`` of ``z`` by the eager ops, CHUNK_ELEMENTS logits at a time: they
-    hold [rows, V] buffers, and a whole run was meant for the compiled kernel."""
+    """``row_statistics`` of a run ``z`` by the eager ops, CHUNK_ELEMENTS logits at a
+    time: they hold [rows, V] buffers, a bound on the fp32 working memory."""
     rows = max(1, CHUNK_ELEMENTS // max(z.shape[1], 1))
     parts = [
         row_statistics(z[start : start + rows], acc, stats) for start in range(0, len(z), rows)
@@ -142,13 +142,13 @@ def row_logprob_forward(
     counted_rows = (targets >= 0).cpu()
     # compiling pays on CPU calls of at least COMPILE_MIN_LOGITS counted logits
     compiled_call = device.type == "cpu" and int(counted_rows.sum()) * vocab >= COMPILE_MIN_LOGITS
-    compiler_failed = "fn" in _compiled and _compiled["fn"] is None
-    # The compiled kernel holds no [rows, V] buffer, so it takes whole runs: one parallel
-    # region per run instead of one per 16 MiB chunk. A region ends when its slowest
+    # Whole runs: the compiled kernel holds no [rows, V] buffer, so it takes a run in one
+    # parallel region instead of one per 16 MiB chunk (a region ends when its slowest
     # thread does; with another process on one of two cores, each of the 64 regions of a
-    # 4 x 512 x 128256 call waited for a scheduler slice (1.4 to 5.3 s against 0.18 s).
-    chunked = not compiled_call or compiler_failed
-    for counted, batch, first, last, rows in _row_runs(counted_rows, seq_len, vocab, chunked):
+    # 4 x 512 x 128256 call waited for a scheduler slice: 1.4 to 5.3 s against 0.18 s).
+    # The eager ops take each run a chunk at a time (_eager_statistics).
+    runs = _row_runs(counted_rows, seq_len, vocab, chunked=False)
+    for counted, batch, first, last, rows in runs:
         if not counted:
             continue
         z = logits3d[batch, first:last]

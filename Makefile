@@ -45,7 +45,6 @@ $(STAMP): pyproject.toml $(LOCK)
 	@touch $(STAMP)
 endif
 
-
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
@@ -70,7 +69,7 @@ $(LATEST)/.installed:
 	@touch $@
 
 test-latest:
-	rm -rf $(LATEST)
+	rm -f $(LATEST)/.installed
 	$(MAKE) $(LATEST)/.installed
 	$(LATEST)/bin/python -m pytest -q tests
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import statistics
 import sys
@@ -50,7 +49,13 @@ from typing import NamedTuple
 import torch
 
 from lenalign.backends import select_backend
-from lenalign.bench import Clock, machine_description, peak_memory_probe, shape_parser
+from lenalign.bench import (
+    Clock,
+    machine_description,
+    peak_memory_probe,
+    shape_parser,
+    write_json,
+)
 
 
 def _sibling(name: str) -> ModuleType:
@@ -263,20 +268,10 @@ def write(report: dict, out: Path | None) -> None:
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
-    # strict JSON: a nan error is written as null (and is a failure, said in the reason)
-    text = json.dumps(_finite(report), indent=1, allow_nan=False)
-    (out / "linear_head.json").write_text(text + "\n")
+    # strict JSON, as lenalign bench writes it: a nan error becomes the string "nan" (and
+    # is a failure, said in the reason)
+    write_json(report, out / "linear_head.json")
     (out / "linear_head.md").write_text(markdown(report))
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def estimate(shapes, names, repeats: int, dtype: torch.dtype, device: torch.device) -> float:

@@ -19,8 +19,9 @@ benchmarks/: the case and its batch (``CaseSpec``, ``Workload``, ``make_workload
 ``CONTENDERS``), checking and running a case (``RunOptions``, ``Reference``,
 ``eager_reference``, ``make_step``, ``check``, ``run_case``), the instruments
 (``Clock``, ``synchronize``, ``copy_bandwidth``, ``peak_memory_probe``,
-``HostPeakMemory``, ``CudaPeakMemory``, ``machine_description``) and the command's
-cases (``default_shapes``, ``shape_parser``, ``parse_shape``, ``DEFAULT_REPEATS``).
+``HostPeakMemory``, ``CudaPeakMemory``, ``machine_description``), the command's
+cases (``default_shapes``, ``shape_parser``, ``parse_shape``, ``DEFAULT_REPEATS``) and
+its strict-JSON writer (``write_json``).
 ``lenalign.bench.codegen`` keeps its own names.
 """
 
@@ -36,6 +37,7 @@ from .probes import (
     peak_memory_probe,
     synchronize,
 )
+from .report import write_json
 from .workload import FORWARD, FORWARD_BACKWARD, MODES, CaseSpec, Workload, make_workload
 
 __all__ = [
@@ -64,4 +66,5 @@ __all__ = [
     "run_case",
     "shape_parser",
     "synchronize",
+    "write_json",
 ]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import transformers
+from accelerate import Accelerator
+from accelerate.utils import is_peft_model
 from packaging.version import Version
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
@@ -109,6 +111,15 @@ def install_lenalign_head(model: PreTrainedModel) -> PreTrainedModel:
     model.forward = types.MethodType(forward, model)
     setattr(model, INSTALLED_MARK, True)
     return model
+
+
+def install_under_wrappers(model: torch.nn.Module, accelerator: Accelerator) -> PreTrainedModel:
+    """``install_lenalign_head`` on the causal LM under ``model``'s accelerate (DDP, FSDP)
+    and PEFT wrappers; that causal LM is returned."""
+    unwrapped = accelerator.unwrap_model(model)
+    if is_peft_model(unwrapped):
+        unwrapped = unwrapped.get_base_model()
+    return install_lenalign_head(unwrapped)
 
 
 def _score_head(

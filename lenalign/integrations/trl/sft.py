@@ -18,14 +18,13 @@ import warnings
 from typing import Any, ClassVar
 
 import torch
-from accelerate.utils import is_peft_model
 from trl import SFTTrainer
 from trl.trainer.utils import get_config_model_id
 
 from ...checks import fail
 from ...losses import sequence_score
 from ...outputs import SequenceLogProbs
-from .head import HeadRequest, install_lenalign_head, refuse_zero3
+from .head import HeadRequest, install_under_wrappers, refuse_zero3
 from .sft_config import LenalignSFTConfig, resolve_sft_normalization
 
 
@@ -48,9 +47,10 @@ def sequence_sums(values: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torc
     (segments of ``cu_seqlens``)."""
     if cu_seqlens is None:
         return values.sum(dim=1)
-    lengths = cu_seqlens.diff().long().to(values.device)
-    segment = torch.repeat_interleave(torch.arange(lengths.shape[0], device=values.device), lengths)
-    return values.new_zeros(lengths.shape[0]).index_add(0, segment, values.reshape(-1))
+    # each segment summed in a fixed order, as torch_backend.segment_reduce does (index_add
+    # uses atomics on GPUs: not reproducible bit for bit)
+    lengths = cu_seqlens.diff().to(values.device)
+    return torch.segment_reduce(values.reshape(-1), "sum", lengths=lengths, initial=0)
 
 
 class LenalignSFTTrainer(SFTTrainer):
@@ -98,10 +98,7 @@ class LenalignSFTTrainer(SFTTrainer):
                 repr(self.args.length_normalization),
             )
         # installed above TRL's fused forward: without lenalign_head, TRL's runs
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        self._causal_lm = install_lenalign_head(
-            unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
-        )
+        install_under_wrappers(self.model, self.accelerator)
 
     def _lenalign_loss(self) -> bool:
         """Whether the loss branch SFTTrainer would take is the fused-head one ("nll"

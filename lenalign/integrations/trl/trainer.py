@@ -27,7 +27,7 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 from ...checks import fail
 from ...outputs import SequenceLogProbs
 from .config import LenalignDPOConfig, resolve_settings
-from .head import HeadRequest, install_lenalign_head, refuse_zero3
+from .head import HeadRequest, install_under_wrappers, refuse_zero3
 from .metrics import record_metrics
 from .objectives import (
     PairScores,
@@ -138,10 +138,7 @@ class LenalignDPOTrainer(DPOTrainer):
         """The causal LM under ``model``'s wrappers, its forward taking ``lenalign_head``."""
         causal_lm = self._causal_lms.get(model)
         if causal_lm is None:
-            unwrapped = self.accelerator.unwrap_model(model)
-            if is_peft_model(unwrapped):
-                unwrapped = unwrapped.get_base_model()
-            causal_lm = self._causal_lms[model] = install_lenalign_head(unwrapped)
+            causal_lm = self._causal_lms[model] = install_under_wrappers(model, self.accelerator)
         return causal_lm
 
     def _check_padding_free(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import types
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -48,12 +49,17 @@ class HeadRequest:
         token_logprobs: also return the per-position log-probabilities.
         token_stats: also return lenalign's TokenStats (entropy, mean logit, top-1,
             log sum p**2), computed in the same pass, without gradient.
+        shift: False for labels already aligned with the positions that score them
+            (TRL's pre-shifted ``shift_labels``, under context or sequence parallelism).
+        float32: project in float32 outside autocast (TRL's ``cast_lm_head_to_fp32``).
     """
 
     labels: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
     token_logprobs: bool = False
     token_stats: bool = False
+    shift: bool = True
+    float32: bool = False
 
 
 @dataclass
@@ -140,7 +146,10 @@ def _score_head(
     # with the model split across devices the backbone can end elsewhere than the head
     hidden = hidden.to(weight.device)
     device_type = weight.device.type
-    if torch.is_autocast_enabled(device_type):
+    if request.float32:
+        hidden, weight = hidden.float(), weight.float()
+        bias = None if bias is None else bias.float()
+    elif torch.is_autocast_enabled(device_type):
         # under autocast the model's head would multiply in the autocast dtype; lenalign
         # forms the logits in its inputs' dtype (statistics in float32 either way)
         dtype = torch.get_autocast_dtype(device_type)
@@ -149,17 +158,19 @@ def _score_head(
     elif hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
     cu_seqlens = request.cu_seqlens
-    return linear_sequence_logprobs(
-        hidden,
-        weight,
-        request.labels.to(weight.device),
-        bias=bias,
-        shift=True,
-        cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(weight.device),
-        return_token_logprobs=request.token_logprobs,
-        return_token_stats=request.token_stats,
-        **transform,
-    )
+    # float32 means float32 whatever autocast the trainer entered around the forward
+    with torch.autocast(device_type, enabled=False) if request.float32 else nullcontext():
+        return linear_sequence_logprobs(
+            hidden,
+            weight,
+            request.labels.to(weight.device),
+            bias=bias,
+            shift=request.shift,
+            cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(weight.device),
+            return_token_logprobs=request.token_logprobs,
+            return_token_stats=request.token_stats,
+            **transform,
+        )
 
 
 def _load_balancing_loss(

@@ -1,8 +1,9 @@
-"""TRL's DPOTrainer and SFTTrainer on lenalign: a two-line switch of a TRL script.
+"""TRL's trainers on lenalign: a two-line switch of a TRL script.
 
 ::
 
     from lenalign.integrations.trl import LenalignDPOConfig, LenalignDPOTrainer
+    from lenalign.integrations.trl import LenalignKTOConfig, LenalignKTOTrainer
     from lenalign.integrations.trl import LenalignSFTConfig, LenalignSFTTrainer
 
 ``LenalignDPOTrainer`` is a ``trl.DPOTrainer`` whose policy and reference
@@ -19,16 +20,22 @@ logged metrics come from the same head (no [N, V] logits), padding-free batches 
 per packed sequence; ``LenalignSFTConfig`` is ``trl.SFTConfig`` with
 ``length_normalization``: "token" (SFTTrainer's token mean), "sequence" or a lambda.
 
+``LenalignKTOTrainer`` is a ``trl.KTOTrainer`` whose fused-head calls (policy, reference,
+the KL estimate's pairs, precomputed reference scores) are answered by lenalign;
+``LenalignKTOConfig`` is ``trl.KTOConfig`` with ``length_normalization`` ("sum", "mean"
+or a lambda) on every score of the loss and the KL estimate.
+
 Modules, one concern each: ``requirement`` (the TRL check), ``config`` (the config and
 its checks), ``objectives`` (the loss formulas), ``head`` (the forward that scores the
 LM head's input), ``packing`` (padding-free batches), ``metrics`` (DPOTrainer's logged
 metrics), ``trainer`` (the trainer), ``sft_config`` and ``sft`` (SFT's config and
-trainer).
+trainer), ``fused_call`` (TRL's own ``fused_lm_head=True`` calls answered by lenalign),
+``kto_config`` and ``kto`` (KTO's config and trainer).
 
-Public names: ``LenalignDPOConfig``, ``LenalignDPOTrainer``, ``LenalignSFTConfig``,
-``LenalignSFTTrainer``, ``LOSS_TYPES`` (the DPO loss types accepted),
-``TESTED_TRL_SERIES``. Importing this package needs the ``[trl]`` extra (``pip install
-'lenalign[trl]'``); without it the ImportError says so.
+Public names: ``LenalignDPOConfig``, ``LenalignDPOTrainer``, ``LenalignKTOConfig``,
+``LenalignKTOTrainer``, ``LenalignSFTConfig``, ``LenalignSFTTrainer``, ``LOSS_TYPES``
+(the DPO loss types accepted), ``TESTED_TRL_SERIES``. Importing this package needs the
+``[trl]`` extra (``pip install 'lenalign[trl]'``); without it the ImportError says so.
 """
 
 from .requirement import TESTED_TRL_SERIES, require_trl
@@ -36,6 +43,8 @@ from .requirement import TESTED_TRL_SERIES, require_trl
 require_trl()
 
 from .config import LOSS_TYPES, LenalignDPOConfig  # noqa: E402  (after the TRL check)
+from .kto import LenalignKTOTrainer  # noqa: E402
+from .kto_config import LenalignKTOConfig  # noqa: E402
 from .sft import LenalignSFTTrainer  # noqa: E402
 from .sft_config import LenalignSFTConfig  # noqa: E402
 from .trainer import LenalignDPOTrainer  # noqa: E402
@@ -45,6 +54,8 @@ __all__ = [
     "TESTED_TRL_SERIES",
     "LenalignDPOConfig",
     "LenalignDPOTrainer",
+    "LenalignKTOConfig",
+    "LenalignKTOTrainer",
     "LenalignSFTConfig",
     "LenalignSFTTrainer",
 ]

@@ -1,10 +1,14 @@
-"""LenalignDPOTrainer under DDP: 2 CPU processes (gloo on 127.0.0.1) train as one does.
+"""lenalign's TRL trainers under DDP: 2 CPU processes (gloo on 127.0.0.1) train as one does.
 
-One torchrun launch of trl_ddp_run.py trains, on each of its 2 ranks, 2 pairs per rank
+One torchrun launch of trl_ddp_run.py trains, on each of its 2 ranks, 2 rows per rank
 and step: LenalignDPOTrainer with "sum" (DDP walking the outputs for unused parameters,
 the Trainer's default without gradient checkpointing, and not), with "mean", and TRL's
-own DPOTrainer with "sum". The truth is the single-process run of the same global batch
-(4 pairs a step), in this process.
+own DPOTrainer with "sum"; LenalignKTOTrainer and KTOTrainer with "sum", and
+LenalignKTOTrainer with "mean" (loss type apo_zero_unpaired); LenalignSFTTrainer and
+SFTTrainer with "token", and LenalignSFTTrainer with "sequence". The truth is the
+single-process run of the same global batch (4 rows a step), in this process, or TRL's
+trainer under the same DDP: KTO's KL estimate pairs the completions within each
+per-device batch, so its "kto" loss is not the single process's.
 
 Why they must agree: accelerate seeds the sampler alike in every process and deals the
 per-device batches of that one order out in turn (rank r takes batches r, r + 2, ...),
@@ -28,32 +32,35 @@ from typing import Any
 import pytest
 import torch
 from distributed_helpers import run_bounded, torchrun_command
-from trl import DPOConfig, DPOTrainer
-from trl_helpers import assert_close_metrics, preference_dataset, trained
-
-from lenalign.integrations.trl import LenalignDPOConfig, LenalignDPOTrainer
+from trl_ddp_run import build
+from trl_helpers import assert_close_metrics
 
 WORLD = 2
 PER_RANK = 2
-# 3 global batches of WORLD * PER_RANK pairs: the 3 steps are one epoch
-N_PAIRS = 12
+# 3 global batches of WORLD * PER_RANK rows: the 3 steps are one epoch
+N_ROWS = 12
 # without use_cpu, accelerate on a machine without an accelerator reads torchrun's
 # environment as no distribution at all; use_cpu makes it MULTI_CPU, and gloo is named
 # rather than left to accelerate's choice (mpi where torch has it). Not in one process:
 # there accelerate 1.15 takes a named backend for a process group it has not created
 SINGLE = {"use_cpu": True}
 DISTRIBUTED = {**SINGLE, "ddp_backend": "gloo"}
-# name -> (trainer, fields beyond trl_helpers.config_kwargs)
-RUNS: dict[str, tuple[str, dict[str, Any]]] = {
-    "lenalign-sum": ("lenalign", {}),
-    "lenalign-sum-static": ("lenalign", {"ddp_find_unused_parameters": False}),
-    "lenalign-mean": ("lenalign", {"length_normalization": "mean"}),
-    "trl-sum": ("trl", {}),
+KTO_MEAN = {"length_normalization": "mean", "loss_type": "apo_zero_unpaired"}
+# name -> (kind, trainer, fields beyond trl_helpers.config_kwargs)
+RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "lenalign-sum": ("dpo", "lenalign", {}),
+    "lenalign-sum-static": ("dpo", "lenalign", {"ddp_find_unused_parameters": False}),
+    "lenalign-mean": ("dpo", "lenalign", {"length_normalization": "mean"}),
+    "trl-sum": ("dpo", "trl", {}),
+    "kto-lenalign-sum": ("kto", "lenalign", {}),
+    "kto-trl-sum": ("kto", "trl", {}),
+    "kto-lenalign-mean": ("kto", "lenalign", KTO_MEAN),
+    "sft-lenalign-token": ("sft", "lenalign", {}),
+    "sft-trl-token": ("sft", "trl", {}),
+    "sft-lenalign-sequence": ("sft", "lenalign", {"length_normalization": "sequence"}),
 }
-TRAINERS = {
-    "lenalign": (LenalignDPOTrainer, LenalignDPOConfig),
-    "trl": (DPOTrainer, DPOConfig),
-}
+# the runs whose truth is a single process on the global batch
+SINGLE_RUNS = ("lenalign-sum", "lenalign-mean", "kto-lenalign-mean", "sft-lenalign-sequence")
 # the loss curve is held to float32 rounding; the other metrics and the weights to
 # trl_helpers' RTOL (rewards near 0 at the first step are differences of sums)
 LOSS_RTOL = 1e-5
@@ -74,12 +81,13 @@ def torchrun(root: Path) -> str:
     runs = [
         {
             "name": name,
+            "kind": kind,
             "trainer": trainer,
             "overrides": {"per_device_train_batch_size": PER_RANK, **overrides, **DISTRIBUTED},
         }
-        for name, (trainer, overrides) in RUNS.items()
+        for name, (kind, trainer, overrides) in RUNS.items()
     ]
-    plan.write_text(json.dumps({"out": str(root), "n_pairs": N_PAIRS, "runs": runs}))
+    plan.write_text(json.dumps({"out": str(root), "n_rows": N_ROWS, "runs": runs}))
     launch = run_bounded(torchrun_command(WORLD, str(SCRIPT), str(plan)), LAUNCH_TIMEOUT_S)
     assert launch.returncode == 0, launch.stdout[-6000:]
     return launch.stdout
@@ -103,16 +111,11 @@ def single(tmp_path_factory) -> dict[str, dict[str, Any]]:
     """The single-process runs of the global batch, in this process: name -> result."""
     root = tmp_path_factory.mktemp("single")
     results = {}
-    for name in ("lenalign-sum", "lenalign-mean"):
-        trainer, overrides = RUNS[name]
-        run = trained(
-            *TRAINERS[trainer],
-            root / name,
-            train_dataset=preference_dataset(N_PAIRS),
-            per_device_train_batch_size=WORLD * PER_RANK,
-            **overrides,
-            **SINGLE,
-        )
+    for name in SINGLE_RUNS:
+        kind, trainer, overrides = RUNS[name]
+        overrides = {**overrides, **SINGLE, "per_device_train_batch_size": WORLD * PER_RANK}
+        run = build(kind, trainer, root / name, N_ROWS, overrides)
+        run.train()
         results[name] = {
             "state_dict": run.model.state_dict(),
             "log_history": run.state.log_history,
@@ -153,7 +156,7 @@ def test_runs_are_ddp_over_gloo(launched, name):
         assert result["distributed_type"] == "DistributedType.MULTI_CPU"
         assert result["backend"] == "gloo"
         assert result["wrapper"] == "DistributedDataParallel"
-        expected_find_unused = RUNS[name][1].get("ddp_find_unused_parameters", True)
+        expected_find_unused = RUNS[name][2].get("ddp_find_unused_parameters", True)
         assert result["find_unused_parameters"] is expected_find_unused
     for key, weight in ranks[0]["state_dict"].items():
         assert torch.equal(ranks[1]["state_dict"][key], weight), key
@@ -167,13 +170,23 @@ def test_runs_are_ddp_over_gloo(launched, name):
         ("lenalign-sum", "lenalign-sum"),
         ("lenalign-sum-static", "lenalign-sum"),
         ("lenalign-mean", "lenalign-mean"),
+        ("kto-lenalign-mean", "kto-lenalign-mean"),
+        ("sft-lenalign-sequence", "sft-lenalign-sequence"),
     ],
 )
 def test_ddp_trains_as_one_process(launched, single, name, reference):
-    """2 ranks of 2 pairs a step train as 1 process of 4: loss curve, metrics, weights."""
+    """2 ranks of 2 rows a step train as 1 process of 4: loss curve, metrics, weights."""
     assert_same_training(single[reference], launched[name][0])
 
 
-def test_ddp_reproduces_dpo_trainer_under_ddp(launched):
-    """With "sum", LenalignDPOTrainer under DDP is TRL's DPOTrainer under DDP."""
-    assert_same_training(launched["trl-sum"][0], launched["lenalign-sum"][0])
+@pytest.mark.parametrize(
+    ("trl_run", "lenalign_run"),
+    [
+        ("trl-sum", "lenalign-sum"),
+        ("kto-trl-sum", "kto-lenalign-sum"),
+        ("sft-trl-token", "sft-lenalign-token"),
+    ],
+)
+def test_ddp_reproduces_trl_trainer_under_ddp(launched, trl_run, lenalign_run):
+    """With the defaults, each lenalign trainer under DDP is TRL's under DDP."""
+    assert_same_training(launched[trl_run][0], launched[lenalign_run][0])

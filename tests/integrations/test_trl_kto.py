@@ -4,89 +4,28 @@ no vocabulary-sized tensor in a step."""
 
 from __future__ import annotations
 
-import random
-import warnings
-
 import pytest
 import torch
-from datasets import Dataset
 from peft import LoraConfig
 from torch.profiler import ProfilerActivity, profile
 from transformers import HfArgumentParser
 from trl import KTOConfig, KTOTrainer
 from trl_helpers import (
-    POLICY_SEED,
-    REFERENCE_SEED,
     VocabRows,
     assert_same_history,
     assert_same_parameters,
     completion_scores,
-    config_kwargs,
     first_batch,
     float64_copy,
     forbid_forward,
+    make_kto,
     profiled_vocab_rows,
     tiny_mixtral,
-    tiny_model,
-    tokenizer,
+    trained_kto,
+    unpaired_dataset,
 )
 
 from lenalign.integrations.trl import LenalignKTOConfig, LenalignKTOTrainer, fused_call
-
-
-def unpaired_dataset(n: int = 8, seed: int = 0, desirable: float | None = None) -> Dataset:
-    """``n`` prompt-completion rows of random letters (completions 2 to 9 letters, so that
-    summed and averaged scores differ); desirable and undesirable alternate, or each is
-    desirable with probability ``desirable``."""
-    rng = random.Random(seed)
-
-    def word(low: int, high: int) -> str:
-        return "".join(rng.choice("abcdefghij") for _ in range(rng.randint(low, high)))
-
-    def label(i: int) -> bool:
-        return i % 2 == 0 if desirable is None else rng.random() < desirable
-
-    rows = [
-        {"prompt": f"q: {word(4, 9)}\n", "completion": word(2, 9), "label": label(i)}
-        for i in range(n)
-    ]
-    return Dataset.from_list(rows)
-
-
-def make_kto(
-    trainer_cls,
-    config_cls,
-    output_dir,
-    *,
-    model=None,
-    ref_model="seed",
-    dataset=None,
-    eval_dataset=None,
-    peft_config=None,
-    **overrides,
-):
-    """A KTO trainer on the tiny models; ``ref_model="seed"`` is a reference that differs
-    from the policy, None lets the trainer copy the policy (or disable the adapter)."""
-    if ref_model == "seed":
-        ref_model = tiny_model(REFERENCE_SEED)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return trainer_cls(
-            model=tiny_model(POLICY_SEED) if model is None else model(),
-            ref_model=ref_model,
-            args=config_cls(**config_kwargs(output_dir, **overrides)),
-            train_dataset=unpaired_dataset() if dataset is None else dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer(),
-            peft_config=peft_config,
-        )
-
-
-def trained_kto(trainer_cls, config_cls, output_dir, **kwargs):
-    trainer = make_kto(trainer_cls, config_cls, output_dir, **kwargs)
-    trainer.train()
-    return trainer
-
 
 SETTINGS = {
     "defaults, evaluation": {

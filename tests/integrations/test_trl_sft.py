@@ -9,83 +9,30 @@ formed in a step."""
 from __future__ import annotations
 
 import itertools
-import random
-import warnings
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import LoraConfig
 from torch.profiler import ProfilerActivity, profile
 from trl import SFTConfig, SFTTrainer
 from trl_helpers import (
-    POLICY_SEED,
     VocabRows,
     assert_same_history,
     assert_same_parameters,
-    config_kwargs,
+    completion_dataset,
     first_batch,
     float64_copy,
     forbid_forward,
+    make_sft,
     profiled_vocab_rows,
+    text_dataset,
     tiny_mixtral,
-    tiny_model,
-    tokenizer,
+    trained_sft,
 )
 
 from lenalign.integrations.trl import LenalignSFTConfig, LenalignSFTTrainer, sft
 from lenalign.integrations.trl.head import HeadRequest
 from lenalign.integrations.trl.sft import packed_cu_seqlens
-
-
-def text_dataset(n: int = 8, seed: int = 0) -> Dataset:
-    """Language-modeling rows of random letters, 3 to 20 of them (lengths differ, so that
-    token and sequence means differ)."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 20))) for _ in range(n)]
-    return Dataset.from_list([{"text": word} for word in words])
-
-
-def completion_dataset(n: int = 8, seed: int = 0) -> Dataset:
-    rng = random.Random(seed)
-
-    def word(low: int, high: int) -> str:
-        return "".join(rng.choice("abcdefghij") for _ in range(rng.randint(low, high)))
-
-    return Dataset.from_list(
-        [{"prompt": f"q: {word(3, 8)}\n", "completion": word(2, 12)} for _ in range(n)]
-    )
-
-
-def make_sft(
-    trainer_cls,
-    config_cls,
-    output_dir,
-    *,
-    model=None,
-    dataset=None,
-    eval_dataset=None,
-    peft_config=None,
-    **overrides,
-):
-    overrides.setdefault("max_length", None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return trainer_cls(
-            model=tiny_model(POLICY_SEED) if model is None else model(),
-            args=config_cls(**config_kwargs(output_dir, **overrides)),
-            train_dataset=text_dataset() if dataset is None else dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer(),
-            peft_config=peft_config,
-        )
-
-
-def trained_sft(trainer_cls, config_cls, output_dir, **kwargs):
-    trainer = make_sft(trainer_cls, config_cls, output_dir, **kwargs)
-    trainer.train()
-    return trainer
-
 
 SETTINGS = {
     "defaults, evaluation": {

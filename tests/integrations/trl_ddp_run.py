@@ -1,15 +1,18 @@
-"""One rank of a torchrun launch of DPO trainers on the tiny models (for
-test_trl_distributed.py).
+"""One rank of a torchrun launch of TRL trainers and their lenalign switches on the tiny
+models (for test_trl_distributed.py).
 
 ``python -m torch.distributed.run --nproc-per-node N trl_ddp_run.py PLAN`` where PLAN is
-a JSON file ``{"out": DIR, "runs": [{"name", "trainer", "overrides"}, ...]}``: each rank
+a JSON file ``{"out": DIR, "n_rows": N, "runs": [{"name", "kind", "trainer",
+"overrides"}, ...]}``: each rank
 trains every run in turn (one launch pays the imports of torch, transformers and TRL
 once for all of them) and writes ``DIR/<name>-rank<r>.pt`` with its final parameters,
 its log history and what the run was actually distributed over, so that the test can
 tell a real DDP run from N independent single-process ones.
 
-``trainer`` is "lenalign" (LenalignDPOTrainer) or "trl" (TRL's DPOTrainer);
-``overrides`` are DPOConfig fields on top of trl_helpers.config_kwargs.
+``trainer`` is "lenalign" or "trl", ``kind`` "dpo" (the default), "kto" or "sft":
+LenalignDPOTrainer or TRL's DPOTrainer, and so on; ``overrides`` are the config's fields
+on top of trl_helpers.config_kwargs. ``n_rows`` rows of the kind's data set (preference
+pairs, unpaired completions, texts).
 """
 
 from __future__ import annotations
@@ -20,44 +23,65 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from trl import DPOConfig, DPOTrainer
-from trl_helpers import make_trainer, preference_dataset
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+from trl_helpers import (
+    make_kto,
+    make_sft,
+    make_trainer,
+    preference_dataset,
+    text_dataset,
+    unpaired_dataset,
+)
 
-from lenalign.integrations.trl import LenalignDPOConfig, LenalignDPOTrainer
+from lenalign.integrations.trl import (
+    LenalignDPOConfig,
+    LenalignDPOTrainer,
+    LenalignKTOConfig,
+    LenalignKTOTrainer,
+    LenalignSFTConfig,
+    LenalignSFTTrainer,
+)
 
+# kind -> {trainer: (trainer class, config class)}
 TRAINERS = {
-    "lenalign": (LenalignDPOTrainer, LenalignDPOConfig),
-    "trl": (DPOTrainer, DPOConfig),
+    "dpo": {"lenalign": (LenalignDPOTrainer, LenalignDPOConfig), "trl": (DPOTrainer, DPOConfig)},
+    "kto": {"lenalign": (LenalignKTOTrainer, LenalignKTOConfig), "trl": (KTOTrainer, KTOConfig)},
+    "sft": {"lenalign": (LenalignSFTTrainer, LenalignSFTConfig), "trl": (SFTTrainer, SFTConfig)},
 }
 
 
-def run(out: Path, name: str, trainer: str, overrides: dict[str, Any], n_pairs: int) -> None:
+def build(kind: str, trainer: str, output_dir: Path, n_rows: int, overrides: dict[str, Any]):
+    """The trainer of ``kind`` on ``n_rows`` rows of its tiny data set."""
+    classes = TRAINERS[kind][trainer]
+    if kind == "kto":
+        return make_kto(*classes, output_dir, dataset=unpaired_dataset(n_rows), **overrides)
+    if kind == "sft":
+        return make_sft(*classes, output_dir, dataset=text_dataset(n_rows), **overrides)
+    return make_trainer(*classes, output_dir, train_dataset=preference_dataset(n_rows), **overrides)
+
+
+def run(out: Path, entry: dict[str, Any], n_rows: int) -> None:
     """Train one run on this rank and write what the test compares."""
-    trainer_cls, config_cls = TRAINERS[trainer]
-    dpo = make_trainer(
-        trainer_cls,
-        config_cls,
-        out / name,
-        train_dataset=preference_dataset(n_pairs),
-        **overrides,
-    )
-    dpo.train()
-    state = dpo.accelerator.state
+    name = entry["name"]
+    kind = entry.get("kind", "dpo")
+    trainer = build(kind, entry["trainer"], out / name, n_rows, entry["overrides"])
+    trainer.train()
+    state = trainer.accelerator.state
     rank = state.process_index
     result = {
         "state_dict": {
             key: value.detach().clone()
-            for key, value in dpo.accelerator.unwrap_model(dpo.model).state_dict().items()
+            for key, value in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
         },
-        "log_history": dpo.state.log_history,
+        "log_history": trainer.state.log_history,
         "world_size": state.num_processes,
         "rank": rank,
         "distributed_type": str(state.distributed_type),
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
         # what training ran through: DistributedDataParallel unless DDP was skipped
-        "wrapper": type(dpo.model_wrapped).__name__,
+        "wrapper": type(trainer.model_wrapped).__name__,
         # DDP walks the forward's outputs for the parameters they reach only when True
-        "find_unused_parameters": getattr(dpo.model_wrapped, "find_unused_parameters", None),
+        "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
     }
     torch.save(result, out / f"{name}-rank{rank}.pt")
 
@@ -66,7 +90,7 @@ def main(plan_path: str) -> None:
     plan = json.loads(Path(plan_path).read_text())
     out = Path(plan["out"])
     for entry in plan["runs"]:
-        run(out, entry["name"], entry["trainer"], entry["overrides"], plan["n_pairs"])
+        run(out, entry, plan["n_rows"])
     if torch.distributed.is_initialized():
         # every rank has written before any leaves, so a late rank is never torn down
         torch.distributed.barrier()

@@ -1,6 +1,7 @@
 """Shared set-up of the TRL integration's tests: a tiny Llama (and a tiny Mixtral) built in
-code, a byte tokenizer, an in-memory preference data set, trainers of both kinds run from
-the same seed on them (nothing is downloaded, nothing is reported, output goes to
+code, a byte tokenizer, in-memory data sets (preference pairs for DPO, unpaired
+completions for KTO, texts and prompt-completions for SFT), trainers of both kinds (TRL's
+and lenalign's) run from the same seed on them (nothing is downloaded, nothing is reported, output goes to
 tmp_path), and the watches that see whether a step forms vocabulary-sized tensors.
 
 Optimization is plain SGD: Adam divides each gradient element by its own running size,
@@ -240,3 +241,106 @@ def tiny_mixtral(seed: int) -> MixtralForCausalLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MixtralForCausalLM(config)
+
+
+def text_dataset(n: int = 8, seed: int = 0) -> Dataset:
+    """Language-modeling rows of random letters, 3 to 20 of them (lengths differ, so that
+    token and sequence means differ)."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 20))) for _ in range(n)]
+    return Dataset.from_list([{"text": word} for word in words])
+
+
+def completion_dataset(n: int = 8, seed: int = 0) -> Dataset:
+    rng = random.Random(seed)
+
+    def word(low: int, high: int) -> str:
+        return "".join(rng.choice("abcdefghij") for _ in range(rng.randint(low, high)))
+
+    return Dataset.from_list(
+        [{"prompt": f"q: {word(3, 8)}\n", "completion": word(2, 12)} for _ in range(n)]
+    )
+
+
+def make_sft(
+    trainer_cls,
+    config_cls,
+    output_dir,
+    *,
+    model=None,
+    dataset=None,
+    eval_dataset=None,
+    peft_config=None,
+    **overrides,
+):
+    overrides.setdefault("max_length", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return trainer_cls(
+            model=tiny_model(POLICY_SEED) if model is None else model(),
+            args=config_cls(**config_kwargs(output_dir, **overrides)),
+            train_dataset=text_dataset() if dataset is None else dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer(),
+            peft_config=peft_config,
+        )
+
+
+def trained_sft(trainer_cls, config_cls, output_dir, **kwargs):
+    trainer = make_sft(trainer_cls, config_cls, output_dir, **kwargs)
+    trainer.train()
+    return trainer
+
+
+def unpaired_dataset(n: int = 8, seed: int = 0, desirable: float | None = None) -> Dataset:
+    """``n`` prompt-completion rows of random letters (completions 2 to 9 letters, so that
+    summed and averaged scores differ); desirable and undesirable alternate, or each is
+    desirable with probability ``desirable``."""
+    rng = random.Random(seed)
+
+    def word(low: int, high: int) -> str:
+        return "".join(rng.choice("abcdefghij") for _ in range(rng.randint(low, high)))
+
+    def label(i: int) -> bool:
+        return i % 2 == 0 if desirable is None else rng.random() < desirable
+
+    rows = [
+        {"prompt": f"q: {word(4, 9)}\n", "completion": word(2, 9), "label": label(i)}
+        for i in range(n)
+    ]
+    return Dataset.from_list(rows)
+
+
+def make_kto(
+    trainer_cls,
+    config_cls,
+    output_dir,
+    *,
+    model=None,
+    ref_model="seed",
+    dataset=None,
+    eval_dataset=None,
+    peft_config=None,
+    **overrides,
+):
+    """A KTO trainer on the tiny models; ``ref_model="seed"`` is a reference that differs
+    from the policy, None lets the trainer copy the policy (or disable the adapter)."""
+    if ref_model == "seed":
+        ref_model = tiny_model(REFERENCE_SEED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return trainer_cls(
+            model=tiny_model(POLICY_SEED) if model is None else model(),
+            ref_model=ref_model,
+            args=config_cls(**config_kwargs(output_dir, **overrides)),
+            train_dataset=unpaired_dataset() if dataset is None else dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer(),
+            peft_config=peft_config,
+        )
+
+
+def trained_kto(trainer_cls, config_cls, output_dir, **kwargs):
+    trainer = make_kto(trainer_cls, config_cls, output_dir, **kwargs)
+    trainer.train()
+    return trainer

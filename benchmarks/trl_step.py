@@ -1,12 +1,15 @@
 """A training step of a TRL trainer against its lenalign switch: DPOTrainer against
-LenalignDPOTrainer, or with ``--kind sft`` SFTTrainer against LenalignSFTTrainer.
+LenalignDPOTrainer, or with ``--kind sft`` SFTTrainer against LenalignSFTTrainer, with
+``--kind kto`` KTOTrainer against LenalignKTOTrainer.
 
     python benchmarks/trl_step.py                 # CPU: DPO, the two cases below
     python benchmarks/trl_step.py --kind sft --case vocab128k --steps 8
 
 Both trainers get the same model (built from a config, seeded), the same in-memory data
 set (preference pairs for DPO; the chosen completions as prompt-completion rows for SFT,
-which then trains on the completions only, SFTTrainer's default) and the same config
+which then trains on the completions only, SFTTrainer's default; for KTO each pair as two
+unpaired rows, the chosen desirable and the rejected not, twice the pairs a step, so that
+a step scores as many completions as DPO's, plus KTO's KL pairs) and the same config
 (TRL's defaults; bf16 on a GPU, fp32 on CPU), and run in their own fresh process, one
 after the other. A callback
 times every optimizer step and measures its peak memory above the level at the step's
@@ -47,7 +50,11 @@ CASES = {
 TRAINERS = ("trl", "lenalign")
 # kind -> TRL's config and trainer; lenalign's are the same names prefixed "Lenalign", in
 # lenalign.integrations.trl
-KINDS = {"dpo": ("DPOConfig", "DPOTrainer"), "sft": ("SFTConfig", "SFTTrainer")}
+KINDS = {
+    "dpo": ("DPOConfig", "DPOTrainer"),
+    "sft": ("SFTConfig", "SFTTrainer"),
+    "kto": ("KTOConfig", "KTOTrainer"),
+}
 
 
 def classes(kind: str, trainer_name: str) -> tuple[type, type]:
@@ -112,11 +119,23 @@ def worker(kind: str, trainer_name: str, case_name: str, steps: int, device_type
     case = CASES[case_name]
     model, tokenizer, dataset = build(case, seed=0)
     extra = {}
-    if kind == "dpo":
+    rows_per_step = case["pairs"]
+    if kind in ("dpo", "kto"):
         extra["ref_model"] = build(case, seed=1)[0]
-    else:
+    if kind == "sft":
         dataset = dataset.map(
             lambda row: {"prompt": row["prompt"], "completion": row["chosen"]},
+            remove_columns=["chosen", "rejected"],
+        )
+    elif kind == "kto":
+        rows_per_step = 2 * case["pairs"]
+        dataset = dataset.map(
+            lambda batch: {
+                "prompt": batch["prompt"] * 2,
+                "completion": batch["chosen"] + batch["rejected"],
+                "label": [True] * len(batch["prompt"]) + [False] * len(batch["prompt"]),
+            },
+            batched=True,
             remove_columns=["chosen", "rejected"],
         )
     probe = peak_memory_probe(device)
@@ -136,7 +155,7 @@ def worker(kind: str, trainer_name: str, case_name: str, steps: int, device_type
         warnings.simplefilter("ignore")
         args = Config(
             output_dir=output_dir,
-            per_device_train_batch_size=case["pairs"],
+            per_device_train_batch_size=rows_per_step,
             max_steps=steps,
             logging_steps=1,
             report_to="none",

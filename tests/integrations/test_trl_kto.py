@@ -21,6 +21,8 @@ from trl_helpers import (
     make_kto,
     profiled_vocab_rows,
     tiny_mixtral,
+    tiny_model,
+    tokenizer,
     trained_kto,
     unpaired_dataset,
 )
@@ -66,6 +68,40 @@ def test_sum_reproduces_kto_trainer(tmp_path, monkeypatch, settings):
         assert key in got.state.log_history[0], key
     if "model" in settings:
         assert "aux_loss" in got.state.log_history[0]
+
+
+def test_model_by_path_with_reference_built_from_it(tmp_path):
+    path = tmp_path / "model"
+    tiny_model().save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    # KTOTrainer loads the policy and a reference copy from the path; checkpointing on
+    settings = {"model": str(path), "ref_model": None, "gradient_checkpointing": True}
+    expected = trained_kto(KTOTrainer, KTOConfig, tmp_path / "trl", **settings)
+    got = trained_kto(LenalignKTOTrainer, LenalignKTOConfig, tmp_path / "lenalign", **settings)
+    assert got.ref_model is not None
+    assert_same_history(expected, got)
+    assert_same_parameters(expected.model, got.model)
+
+
+def test_bf16_autocast_step_is_no_less_accurate(tmp_path):
+    """The first bf16 autocast step's figures err from the float32 step's no more than
+    KTOTrainer's do (twice theirs, plus 1e-4 of the value): KTO's KL estimate is a
+    difference of sums, where the bf16 rounding of each trainer differs by more than the
+    parity tolerance."""
+    settings = {"use_cpu": True, "max_steps": 1}
+    truth = trained_kto(KTOTrainer, KTOConfig, tmp_path / "fp32", **settings)
+    theirs = trained_kto(KTOTrainer, KTOConfig, tmp_path / "trl", bf16=True, **settings)
+    ours = trained_kto(
+        LenalignKTOTrainer, LenalignKTOConfig, tmp_path / "lenalign", bf16=True, **settings
+    )
+    (truth,), (theirs,), (ours,) = (
+        [entry for entry in run.state.log_history if "loss" in entry]
+        for run in (truth, theirs, ours)
+    )
+    assert theirs["grad_norm"] != truth["grad_norm"]  # bf16 did round
+    for key in ("loss", "grad_norm", "kl", "entropy", "logps/chosen", "rewards/rejected"):
+        bound = 2 * abs(theirs[key] - truth[key]) + 1e-4 * max(1.0, abs(truth[key]))
+        assert abs(ours[key] - truth[key]) <= bound, (key, truth[key], theirs[key], ours[key])
 
 
 def test_plain_config_and_default_args(tmp_path):

@@ -1,8 +1,9 @@
 """Shared set-up of the TRL integration's tests: a tiny Llama (and a tiny Mixtral) built in
 code, a byte tokenizer, in-memory data sets (preference pairs for DPO, unpaired
 completions for KTO, texts and prompt-completions for SFT), trainers of both kinds (TRL's
-and lenalign's) run from the same seed on them (nothing is downloaded, nothing is reported, output goes to
-tmp_path), and the watches that see whether a step forms vocabulary-sized tensors.
+and lenalign's) run from the same seed on them (nothing is downloaded, nothing is
+reported, output goes to tmp_path), and the watches that see whether a step forms
+vocabulary-sized tensors.
 
 Optimization is plain SGD: Adam divides each gradient element by its own running size,
 so elements whose gradient is rounding noise move by the full learning rate in a random
@@ -311,6 +312,11 @@ def unpaired_dataset(n: int = 8, seed: int = 0, desirable: float | None = None) 
     return Dataset.from_list(rows)
 
 
+def model_or_path(model):
+    """A path as it is (the trainer loads it), else the model the builder returns."""
+    return model if isinstance(model, str) else model()
+
+
 def make_kto(
     trainer_cls,
     config_cls,
@@ -323,14 +329,19 @@ def make_kto(
     peft_config=None,
     **overrides,
 ):
-    """A KTO trainer on the tiny models; ``ref_model="seed"`` is a reference that differs
-    from the policy, None lets the trainer copy the policy (or disable the adapter)."""
+    """A KTO trainer on the tiny models (``model``: a builder, or a path KTOTrainer loads);
+    ``ref_model="seed"`` is a reference that differs from the policy, None lets the
+    trainer build it from the policy's path (or disable the adapter)."""
     if ref_model == "seed":
         ref_model = tiny_model(REFERENCE_SEED)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return trainer_cls(
-            model=tiny_model(POLICY_SEED) if model is None else model(),
+            model=model
+            if isinstance(model, str)
+            else tiny_model(POLICY_SEED)
+            if model is None
+            else model(),
             ref_model=ref_model,
             args=config_cls(**config_kwargs(output_dir, **overrides)),
             train_dataset=unpaired_dataset() if dataset is None else dataset,

@@ -44,7 +44,10 @@ SETTINGS = {
     "dft, accumulation": {"loss_type": "dft", "gradient_accumulation_steps": 2},
     "packing bfd": {"packing": True, "max_length": 24, "per_device_train_batch_size": 2},
     "padding free": {"padding_free": True, "per_device_train_batch_size": 3},
-    "lora": {"peft_config": LoraConfig(r=4, target_modules=["q_proj", "v_proj"])},
+    "lora, gradient checkpointing": {
+        "peft_config": LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        "gradient_checkpointing": True,
+    },
     "moe router loss, accumulation": {
         "model": lambda: tiny_mixtral(0),
         "gradient_accumulation_steps": 2,

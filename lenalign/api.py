@@ -26,6 +26,7 @@ from .linear_function import HeadTransform, LinearSequenceLogProbsUnderFunc, def
 from .outputs import SequenceLogProbs, TokenStats
 from .sharded_api import (
     from_dtensor,
+    local_head,
     replicated_local,
     sharded_linear_sequence_logprobs,
     sharded_sequence_logprobs,
@@ -165,9 +166,13 @@ def linear_sequence_logprobs(
             logits (1046 rows at V = 128256 in bf16).
         vocab_shard: vocab-parallel: ``weight`` (and ``bias``) are this rank's rows
             ``vocab_shard.start:stop`` of the head, ``hidden`` and the labels the same on
-            every rank; results as for ``sequence_logprobs``. The hidden states' gradient
-            is summed over the group when ``vocab_shard.reduce_hidden_grad``, else it is
-            this rank's part (docs/distributed.md).
+            every rank (checked, bitwise); results as for ``sequence_logprobs``. The
+            hidden states' gradient is summed over the group when
+            ``vocab_shard.reduce_hidden_grad``, else it is this rank's part
+            (docs/distributed.md). Tensor parallelism: ``weight`` (and ``bias``) may be
+            the head's DTensor placed Shard(0) on a 1-D mesh, as it is, with
+            ``vocab_shard=VocabShard.from_dtensor(weight)``; its gradient is then a
+            DTensor placed alike.
 
     Returns:
         SequenceLogProbs as ``sequence_logprobs``; differentiable in ``hidden``,
@@ -177,11 +182,21 @@ def linear_sequence_logprobs(
 
     Raises:
         ValueError: naming the argument, as ``sequence_logprobs``, and for a weight or
-            bias whose shape, dtype or device does not match the hidden states.
+            bias whose shape, dtype or device does not match the hidden states, hidden
+            states that differ between the ranks of ``vocab_shard.group``, and a DTensor
+            head whose split is not ``vocab_shard``'s (or without ``vocab_shard``: a
+            Shard(0) DTensor may be an FSDP2 shard as well as a vocab split).
     """
     refuse_forward_ad("linear_sequence_logprobs", hidden=hidden, weight=weight, bias=bias)
+    head_error = None
+    if vocab_shard is not None:
+        # a DTensor head split over the vocabulary: its local rows (checked against the
+        # shard inside the agreement, so that every rank raises)
+        weight, bias, head_error = local_head(weight, bias, vocab_shard)
 
     def prepare() -> tuple[RowLayout, str, int, HeadTransform]:
+        if head_error is not None:
+            raise head_error
         check_bool("return_token_logprobs", return_token_logprobs)
         check_bool("return_token_stats", return_token_stats)
         scale = positive_finite("logit_scale", logit_scale)

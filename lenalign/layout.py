@@ -29,7 +29,8 @@ INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64
 _SHARDED_HEAD_HINT = (
     "an FSDP2-sharded LM head read outside its module's forward: score it through "
     "lenalign.distributed.head_logprobs or causal_lm_logprobs, which gather it; a "
-    "vocab-split head: pass weight.to_local() with vocab_shard= (docs/distributed.md)"
+    "tensor-parallel head split over the vocabulary: pass it with "
+    "vocab_shard=VocabShard.from_dtensor(weight) (docs/distributed.md)"
 )
 
 

@@ -17,7 +17,7 @@ from .checks import fail, is_dtensor
 from .layout import RowLayout, accumulate_dtype
 from .linear_function import HeadTransform, default_chunk_rows
 from .vocab_parallel import ShardedLinearSequenceLogProbs, ShardedSequenceLogProbs
-from .vocab_shard import VocabShard, agree, chunk_bounds, group_rank
+from .vocab_shard import VocabShard, agree, chunk_bounds, dtensor_split, group_rank
 
 
 def from_dtensor(logits: Any, vocab_shard: object) -> tuple[torch.Tensor, VocabShard | None]:
@@ -47,6 +47,40 @@ def from_dtensor(logits: Any, vocab_shard: object) -> tuple[torch.Tensor, VocabS
     return logits.to_local(), VocabShard(start, stop, group)
 
 
+def local_head(
+    weight: object, bias: object, shard: object
+) -> tuple[object, object, ValueError | None]:
+    """This rank's rows of a vocab-split DTensor head (weight and bias placed Shard(0) on
+    a 1-D mesh, ``shard`` from ``VocabShard.from_dtensor``) as plain tensors, whose
+    gradients flow back as DTensors placed alike; plain tensors pass as they are. A
+    DTensor that does not match ``shard`` is returned as it is with the error, for the
+    caller to raise inside the agreement, so that every rank raises."""
+    try:
+        return _local_rows("weight", weight, shard), _local_rows("bias", bias, shard), None
+    except ValueError as error:
+        return weight, bias, error
+
+
+def _local_rows(argument: str, value: object, shard: object) -> object:
+    if not is_dtensor(value):
+        return value
+    import torch.distributed as dist
+
+    start, stop, group = dtensor_split(argument, value, 0)
+    if not isinstance(shard, VocabShard):
+        return value  # the agreement refuses the shard itself, naming vocab_shard
+    ranks = dist.get_process_group_ranks(group)
+    shard_ranks = dist.get_process_group_ranks(shard.group or dist.group.WORLD)
+    if (start, stop) != (shard.start, shard.stop) or ranks != shard_ranks:
+        fail(
+            "vocab_shard",
+            f"the split of {argument}'s DTensor placement (ids {start}:{stop} on this rank "
+            f"of the mesh over ranks {ranks}; VocabShard.from_dtensor({argument}) builds it)",
+            f"ids {shard.start}:{shard.stop} over ranks {shard_ranks}",
+        )
+    return value.to_local()
+
+
 def replicated_local(argument: str, value: object) -> object:
     """The local tensor of a replicated DTensor companion (labels, mask, ...), or ``value``."""
     if not is_dtensor(value):
@@ -68,9 +102,11 @@ def _agreed(
     rows_name: str,
     prepare: Callable[[], Prepared],
     settings: Callable[[RowLayout], dict[str, int]],
+    shared_rows: bool = False,
 ) -> tuple:
     """``prepare()``'s values and the Agreement, once every rank agrees its inputs are
-    sound and ``settings(layout)`` equal; else the same error on every rank."""
+    sound and ``settings(layout)`` equal (and, with ``shared_rows``, the rows, which are
+    the hidden states, bitwise); else the same error on every rank."""
     if not isinstance(shard, VocabShard):
         fail("vocab_shard", "a lenalign.VocabShard or None", type(shard).__name__)
     group_rank(shard.group)
@@ -85,7 +121,10 @@ def _agreed(
     if error is not None:
         agree(shard, None, None, None, {}, error, rows_name)  # raises on every rank
     layout, _, width, _ = prepared
-    agreement = agree(shard, width, layout.targets, layout.cu_seqlens, agreed, None, rows_name)
+    shared = layout.rows3d if shared_rows else None
+    agreement = agree(
+        shard, width, layout.targets, layout.cu_seqlens, agreed, None, rows_name, shared
+    )
     return (*prepared, agreement)
 
 
@@ -137,9 +176,13 @@ def sharded_linear_sequence_logprobs(
             "hidden.dtype": int(accumulate_dtype(layout.rows3d.dtype) == torch.float64),
             "vocab_shard.reduce_hidden_grad": int(shard.reduce_hidden_grad),
             "hidden.requires_grad": int(needs_hidden_grad),
+            # a head has a bias on all of its rows or on none
+            "bias": int(bias is not None),
         }
 
-    layout, backend, _, transform, agreement = _agreed(shard, "weight", prepare, settings)
+    layout, backend, _, transform, agreement = _agreed(
+        shard, "weight", prepare, settings, shared_rows=True
+    )
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(max(weight.shape[0], 1), weight.element_size())
     outputs = ShardedLinearSequenceLogProbs.apply(

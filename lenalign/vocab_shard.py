@@ -4,7 +4,7 @@ of every rank on a call's inputs before any collective that could hang.
 A vocab-parallel call runs on every rank of a process group at once; each rank holds
 the logits (or the LM head's rows) of vocabulary ids ``start:stop``. The shards must
 tile [0, V) and every rank must score the same labels with the same settings. One
-small all-gather per call (``agree``: 7 int64 per rank and the settings that decide the
+small all-gather per call (``agree``: 8 int64 per rank and the settings that decide the
 collectives' sizes) checks that before the data's all-reduces: a rank whose input is
 wrong would otherwise leave the others waiting in a collective it never joins. When
 any rank finds its input wrong, every rank raises a ValueError naming the argument.
@@ -26,8 +26,17 @@ from .checks import check_bool, check_int, fail
 OUTSIDE_SHARD = torch.iinfo(torch.int64).max
 # the fields of each rank's record in ``agree``, then room for the entry's settings: the
 # record has one size on every rank, also when a rank failed before it knew them
-_RECORD = ("failed", "start", "stop", "width", "rows", "max_label", "fingerprint")
-_SETTING_SLOTS = 4
+_RECORD = (
+    "failed",
+    "start",
+    "stop",
+    "width",
+    "rows",
+    "max_label",
+    "fingerprint",
+    "values_fingerprint",
+)
+_SETTING_SLOTS = 5
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,43 @@ class VocabShard:
         rank, world = group_rank(group), dist.get_world_size(group)
         return cls(*chunk_bounds(vocab_size, world, rank), group, reduce_hidden_grad)
 
+    @classmethod
+    def from_dtensor(cls, weight: Any, reduce_hidden_grad: bool = True) -> VocabShard:
+        """This rank's shard of a vocab-split LM head: ``weight`` the head's [V, H]
+        weight as a DTensor placed Shard(0) on a 1-D mesh (what ``ColwiseParallel`` on
+        ``lm_head`` makes of it), its rows split as DTensor splits them, ``group`` the
+        mesh's. Pass ``weight`` itself, the DTensor, to ``linear_sequence_logprobs``
+        with this shard.
+
+        Raises:
+            ValueError: naming ``weight``, for anything but a DTensor placed Shard(0)
+                on a 1-D mesh (an FSDP2 shard on a 2-D mesh, a replicated head).
+        """
+        start, stop, group = dtensor_split("weight", weight, 0)
+        return cls(start, stop, group, reduce_hidden_grad)
+
+
+def dtensor_split(argument: str, tensor: Any, dim: int) -> tuple[int, int, Any]:
+    """(start, stop, group) of this rank's part of DTensor ``tensor`` placed Shard(dim)
+    on a 1-D mesh: the part torch.chunk would give it.
+
+    Raises:
+        ValueError: naming ``argument``, for a plain tensor or any other placement.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(tensor, DTensor):
+        fail(argument, f"a DTensor placed Shard({dim}) on a 1-D mesh", type(tensor).__name__)
+    mesh, placements = tensor.device_mesh, tuple(tensor.placements)
+    if mesh.ndim != 1 or placements != (Shard(dim),):
+        fail(
+            argument,
+            f"a DTensor placed Shard({dim}) on a 1-D mesh",
+            f"placements {placements} on a {mesh.ndim}-D mesh",
+        )
+    start, stop = chunk_bounds(tensor.shape[dim], mesh.size(), mesh.get_local_rank())
+    return start, stop, mesh.get_group()
+
 
 def chunk_bounds(size: int, world: int, index: int) -> tuple[int, int]:
     """(start, stop) of part ``index`` of ``size`` split in ``world`` parts as torch.chunk."""
@@ -94,6 +140,23 @@ def collective_device(group: Any) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def value_fingerprint(values: torch.Tensor, rows_per_chunk: int = 1024) -> int:
+    """An int64 digest of a float tensor's bits, row by row of its last dimension: equal
+    values give equal digests on every rank, whatever their strides. Chunked, so that
+    the int64 working copy stays small."""
+    rows = values.detach().reshape(-1, values.shape[-1])
+    integer = {2: torch.int16, 4: torch.int32, 8: torch.int64}[rows.element_size()]
+    bits = rows.contiguous().view(integer)
+    columns = torch.arange(1, bits.shape[-1] + 1, device=bits.device)
+    digest = torch.zeros((), dtype=torch.int64, device=bits.device)
+    for start in range(0, bits.shape[0], rows_per_chunk):
+        chunk = bits[start : start + rows_per_chunk].to(torch.int64)
+        row_digests = (chunk * columns).sum(-1)
+        weights = torch.arange(start, start + chunk.shape[0], device=bits.device) % 1_000_003
+        digest = digest * 31 + (row_digests * (weights + 1)).sum()
+    return int(digest)
 
 
 def fingerprint(*tensors: torch.Tensor) -> int:
@@ -126,14 +189,17 @@ def agree(
     settings: dict[str, int],
     error: Exception | None,
     rows_name: str,
+    shared_values: torch.Tensor | None = None,
 ) -> Agreement:
     """Check every rank's call against the others', the same way on every rank.
 
     ``width`` is this rank's local vocabulary (logits.shape[-1] or weight.shape[0]),
     ``targets`` its [N] row targets (global ids, -1 not counted), ``settings`` the
     arguments that decide the collectives' sizes and count (by argument name: they must
-    be equal on every rank), ``error`` what its local checks raised, if anything (then
-    the others may be None): it is raised again on this rank, and the others raise it
+    be equal on every rank), ``shared_values`` the float input that must be the same on
+    every rank (the hidden states of the linear entry; None for logits, which differ by
+    design), ``error`` what its local checks raised, if anything (then the others may be
+    None): it is raised again on this rank, and the others raise it
     as a ValueError (a RuntimeError if it was not one) naming the rank.
     """
     group = shard.group
@@ -146,6 +212,7 @@ def agree(
         record[3], record[4] = width, targets.numel()
         record[5] = int(counted.max()) if counted.numel() else -1
         record[6] = fingerprint(targets, cu_seqlens)
+        record[7] = 0 if shared_values is None else value_fingerprint(shared_values)
         values = torch.tensor(list(settings.values()), dtype=torch.int64)
         record[len(_RECORD) : len(_RECORD) + len(settings)] = values
     world = dist.get_world_size(group)
@@ -210,6 +277,13 @@ def _check_table(
             "labels",
             "the same labels, mask and cu_seqlens on every rank of the vocab_shard group",
             f"rows {[row['rows'] for row in table]} and differing contents",
+        )
+    if len({row["values_fingerprint"] for row in table}) > 1:
+        fail(
+            "hidden",
+            "the same hidden states on every rank of the vocab_shard group (each rank "
+            "projects them onto its rows of the head)",
+            "differing contents (bitwise digests differ between ranks)",
         )
     max_label = table[0]["max_label"]
     if max_label >= vocab:

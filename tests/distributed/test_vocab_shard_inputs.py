@@ -102,20 +102,29 @@ def _gradcheck(rank: int, world: int) -> tuple[bool, bool]:
         return weighted_objective(result.sum, result.mean, result.token_logprobs, weights)
 
     generator = torch.Generator().manual_seed(3)
-    hidden = torch.randn(2, 4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(2, 4, 3, generator=generator, dtype=torch.float64)
     weight = torch.randn(VOCAB, 3, generator=generator, dtype=torch.float64)
-    # each rank's part of the hidden states' gradient is what perturbing its copy measures
-    part_shard = VocabShard.from_vocab(VOCAB, reduce_hidden_grad=False)
-    local_weight = weight[part_shard.start : part_shard.stop].clone().requires_grad_()
+    local_weight = weight[shard.start : shard.stop].clone()
 
     def linear_objective(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         result = lenalign.linear_sequence_logprobs(
-            h, w, labels, shift=True, logit_softcap=4.0, chunk_rows=2, vocab_shard=part_shard
+            h, w, labels, shift=True, logit_softcap=4.0, chunk_rows=2, vocab_shard=shard
         )
         return (result.sum * weights[0]).sum() + (result.mean * weights[1]).sum()
 
     logits_ok = _in_turns(rank, world, objective, (local,))
-    linear_ok = _in_turns(rank, world, linear_objective, (hidden, local_weight))
+    # the hidden states are one input of the whole group (checked equal on every rank):
+    # every rank perturbs them alike, and the gradient summed over the group is what
+    # that measures; each rank's rows of the head in turn
+    hidden_ok = torch.autograd.gradcheck(
+        lambda h: linear_objective(h, local_weight),
+        (hidden.clone().requires_grad_(),),
+        check_undefined_grad=False,
+    )
+    weight_ok = _in_turns(
+        rank, world, lambda w: linear_objective(hidden, w), (local_weight.requires_grad_(),)
+    )
+    linear_ok = hidden_ok and weight_ok
     return logits_ok, linear_ok
 
 

@@ -12,25 +12,37 @@ tell a real DDP run from N independent single-process ones.
 ``trainer`` is "lenalign" or "trl", ``kind`` "dpo" (the default), "kto" or "sft":
 LenalignDPOTrainer or TRL's DPOTrainer, and so on; ``overrides`` are the config's fields
 on top of trl_helpers.config_kwargs. ``n_rows`` rows of the kind's data set (preference
-pairs, unpaired completions, texts).
+pairs, unpaired completions, texts). ``"tensor_parallel": true`` (DPO) trains the untied
+tiny models split over the launch's ranks by ``trl_helpers.tensor_parallel`` instead,
+under the profiler, and records the head's placement and the vocabulary-wide tensors the
+ops took.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor, Shard
+from torch.profiler import ProfilerActivity, profile
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 from trl_helpers import (
+    POLICY_SEED,
+    REFERENCE_SEED,
     make_kto,
     make_sft,
     make_trainer,
     preference_dataset,
+    profiled_vocab_rows,
+    tensor_parallel,
     text_dataset,
     unpaired_dataset,
+    untied_tiny_model,
 )
 
 from lenalign.integrations.trl import (
@@ -50,28 +62,47 @@ TRAINERS = {
 }
 
 
-def build(kind: str, trainer: str, output_dir: Path, n_rows: int, overrides: dict[str, Any]):
-    """The trainer of ``kind`` on ``n_rows`` rows of its tiny data set."""
+def build(
+    kind: str,
+    trainer: str,
+    output_dir: Path,
+    n_rows: int,
+    overrides: dict[str, Any],
+    **models: Any,
+):
+    """The trainer of ``kind`` on ``n_rows`` rows of its tiny data set (DPO: on
+    ``models``, ``model=`` and ``ref_model=``, where given)."""
     classes = TRAINERS[kind][trainer]
     if kind == "kto":
         return make_kto(*classes, output_dir, dataset=unpaired_dataset(n_rows), **overrides)
     if kind == "sft":
         return make_sft(*classes, output_dir, dataset=text_dataset(n_rows), **overrides)
-    return make_trainer(*classes, output_dir, train_dataset=preference_dataset(n_rows), **overrides)
+    dataset = preference_dataset(n_rows)
+    return make_trainer(*classes, output_dir, train_dataset=dataset, **models, **overrides)
 
 
 def run(out: Path, entry: dict[str, Any], n_rows: int) -> None:
     """Train one run on this rank and write what the test compares."""
     name = entry["name"]
     kind = entry.get("kind", "dpo")
-    trainer = build(kind, entry["trainer"], out / name, n_rows, entry["overrides"])
-    trainer.train()
+    models, profiler = {}, nullcontext()
+    if entry.get("tensor_parallel"):
+        world = int(os.environ["WORLD_SIZE"])
+        models = {
+            "model": tensor_parallel(untied_tiny_model(POLICY_SEED), world),
+            "ref_model": tensor_parallel(untied_tiny_model(REFERENCE_SEED), world),
+        }
+        profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+    trainer = build(kind, entry["trainer"], out / name, n_rows, entry["overrides"], **models)
+    with profiler:
+        trainer.train()
     state = trainer.accelerator.state
-    rank = state.process_index
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    model = trainer.accelerator.unwrap_model(trainer.model)
     result = {
         "state_dict": {
-            key: value.detach().clone()
-            for key, value in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
+            key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
+            for key, value in model.state_dict().items()
         },
         "log_history": trainer.state.log_history,
         "world_size": state.num_processes,
@@ -83,6 +114,18 @@ def run(out: Path, entry: dict[str, Any], n_rows: int) -> None:
         # DDP walks the forward's outputs for the parameters they reach only when True
         "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
     }
+    if entry.get("tensor_parallel"):
+        head = model.lm_head.weight
+        vocab, hidden = head.shape
+        shapes = {tuple(shape) for event in profiler.events() for shape in event.input_shapes or ()}
+        result |= {
+            "head_split_by_row": head.device_mesh.ndim == 1 and head.placements == (Shard(0),),
+            "head_local_rows": head.to_local().shape[0],
+            # the largest [*, V] tensor any op of the 3 steps took, and whether the ops
+            # saw the head's local rows (inside lenalign's operators too)
+            "vocab_rows": profiled_vocab_rows(profiler, vocab, hidden),
+            "local_head_seen": (head.to_local().shape[0], hidden) in shapes,
+        }
     torch.save(result, out / f"{name}-rank{rank}.pt")
 
 

@@ -67,6 +67,36 @@ def tiny_model(seed: int = POLICY_SEED, attn_implementation: str | None = None):
     return model
 
 
+def untied_tiny_model(seed: int = POLICY_SEED) -> LlamaForCausalLM:
+    """tiny_model with an LM head of its own (a copy of the embedding): a head split over
+    the vocabulary cannot share its weight with an embedding that stays whole."""
+    model = tiny_model(seed)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    return model
+
+
+def tensor_parallel(model: LlamaForCausalLM, world: int) -> LlamaForCausalLM:
+    """``model`` split over a 1-D mesh of ``world`` CPU ranks by torch's own styles, as
+    Megatron splits a Llama: attention and MLP input projections by output column, their
+    output projections by input row, and the LM head by vocabulary row (ColwiseParallel:
+    its weight a DTensor placed Shard(0))."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    plan = {"lm_head": ColwiseParallel()}
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj"):
+        plan[f"model.layers.*.{name}"] = ColwiseParallel()
+    plan["model.layers.*.mlp.gate_proj"] = ColwiseParallel()
+    for name in ("self_attn.o_proj", "mlp.down_proj"):
+        plan[f"model.layers.*.{name}"] = RowwiseParallel()
+    return parallelize_module(model, init_device_mesh("cpu", (world,)), plan)
+
+
 def config_kwargs(output_dir: Path, **overrides) -> dict:
     """DPOConfig fields for a 3-step CPU run; ``overrides`` win."""
     kwargs = {

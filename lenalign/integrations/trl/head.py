@@ -24,11 +24,12 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import is_peft_model
 from packaging.version import Version
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ... import linear_sequence_logprobs
+from ... import VocabShard, linear_sequence_logprobs
 from ...checks import fail
 from ...outputs import SequenceLogProbs
 from ..hf import fused_head_transform
@@ -139,10 +140,15 @@ def _score_head(
     hidden = hidden[:, -request.labels.shape[1] :]
     head = model.get_output_embeddings()
     weight, bias = head.weight, head.bias
-    # FSDP2 holds sharded DTensors; the kernels take the gathered head (as TRL's does)
+    vocab_shard = None
     if isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-        bias = None if bias is None else bias.full_tensor()
+        if _split_over_vocabulary(model, weight):
+            vocab_shard = VocabShard.from_dtensor(weight)
+        else:
+            # an FSDP2 shard outside its unit's forward: the kernels take the gathered
+            # head (as TRL's does)
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
     # with the model split across devices the backbone can end elsewhere than the head
     hidden = hidden.to(weight.device)
     device_type = weight.device.type
@@ -169,8 +175,18 @@ def _score_head(
             cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(weight.device),
             return_token_logprobs=request.token_logprobs,
             return_token_stats=request.token_stats,
+            vocab_shard=vocab_shard,
             **transform,
         )
+
+
+def _split_over_vocabulary(model: PreTrainedModel, weight: DTensor) -> bool:
+    """Whether the head's DTensor weight is a tensor-parallel split of the vocabulary
+    (ColwiseParallel's Shard(0) on a 1-D mesh, transformers' ``tp_plan``) rather than an
+    FSDP2 shard, which is Shard(0) on a 1-D mesh too: told apart by FSDP2's modules,
+    present in the model only under FSDP. A model under both gathers the head."""
+    on_vocab = weight.device_mesh.ndim == 1 and tuple(weight.placements) == (Shard(0),)
+    return on_vocab and not any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def _load_balancing_loss(

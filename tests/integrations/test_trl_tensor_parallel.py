@@ -180,3 +180,65 @@ def test_fsdp_head_is_gathered_and_tensor_parallel_head_is_not_confused_with_it(
         torch.testing.assert_close(scores["fsdp"][0], scores["own rows"][0])
         torch.testing.assert_close(scores["fsdp"][1], mean_grad, rtol=1e-5, atol=1e-6)
         assert not torch.equal(scores["fsdp"][0], ranks[1 - rank]["fsdp"][0])
+
+
+def _two_dimensional_step(rank: int, world: int) -> dict[str, Any]:
+    """One step of the head forward on a 2 x 2 mesh: data-parallel over "dp" (each
+    replica its own 2 rows), the model split over "tp" (the head vocab-parallel within
+    each replica); the gradients averaged over "dp" as data parallelism does. Also the
+    single process on the 4 rows, for the truth."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    generator = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, 259, (4, 9), generator=generator)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[1, 7:] = -100
+
+    def step(model, rows: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        install_lenalign_head(model)
+        request = HeadRequest(labels=labels[rows])
+        logps = model(input_ids=ids[rows], lenalign_head=request).logps
+        logps.mean.mean().backward()
+        return logps.mean.detach(), dict(model.named_parameters())
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    replica = mesh.get_local_rank("dp")
+    model = untied_tiny_model(POLICY_SEED)
+    # tensor_parallel's 1-D mesh over the whole world is not this one: split by hand
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    parallelize_module(model, mesh["tp"], {"lm_head": ColwiseParallel()})
+    means, parameters = step(model, slice(2 * replica, 2 * replica + 2))
+    grads = {}
+    for name, parameter in parameters.items():
+        grad = parameter.grad
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        dist.all_reduce(local, group=mesh.get_group("dp"))  # the mean over the replicas
+        local /= mesh.size(0)
+        grads[name] = grad.full_tensor() if isinstance(grad, DTensor) else grad
+    _, truth = step(untied_tiny_model(POLICY_SEED), slice(0, 4))
+    return {
+        "means": means,
+        "replica": replica,
+        "grads": grads,
+        "truth": {name: parameter.grad for name, parameter in truth.items()},
+        "head_rows": parameters["lm_head.weight"].to_local().shape[0],
+    }
+
+
+def test_data_parallel_by_tensor_parallel_mesh_steps_as_one_process():
+    """4 processes, 2 replicas x 2 vocabulary shards: each replica's scores and the
+    averaged gradients of every parameter (head rows, and the backbone through the
+    hidden states' reduced gradient) equal one process on the 4 rows."""
+    ranks = run_world(_two_dimensional_step, 4, timeout=180)
+    assert sorted(result["head_rows"] for result in ranks) == [129, 129, 130, 130]
+    assert [result["replica"] for result in ranks] == [0, 0, 1, 1]
+    assert not torch.equal(ranks[0]["means"], ranks[2]["means"])
+    for result in ranks:
+        for name, want in result["truth"].items():
+            torch.testing.assert_close(
+                result["grads"][name], want, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}"
+            )

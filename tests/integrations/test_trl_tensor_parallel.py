@@ -41,12 +41,14 @@ WORLD = 2
 BATCH = 2
 N_ROWS = 6  # 3 steps of BATCH pairs
 VOCAB_ROWS_LOCAL = (130, 129)  # the byte tokenizer's 259 ids over 2 ranks, as torch.chunk
-# name -> (trainer, fields beyond trl_helpers.config_kwargs)
-RUNS: dict[str, tuple[str, dict[str, Any]]] = {
-    "tp-lenalign-sum": ("lenalign", {}),
-    "tp-lenalign-mean": ("lenalign", {"length_normalization": "mean"}),
-    "tp-lenalign-padding-free": ("lenalign", {"padding_free": True}),
-    "tp-trl-sum": ("trl", {}),
+# name -> (kind, trainer, fields beyond trl_helpers.config_kwargs)
+RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "tp-lenalign-sum": ("dpo", "lenalign", {}),
+    "tp-lenalign-mean": ("dpo", "lenalign", {"length_normalization": "mean"}),
+    "tp-lenalign-padding-free": ("dpo", "lenalign", {"padding_free": True}),
+    "tp-trl-sum": ("dpo", "trl", {}),
+    "tp-kto-lenalign-sum": ("kto", "lenalign", {}),
+    "tp-sft-lenalign-token": ("sft", "lenalign", {}),
 }
 SCRIPT = Path(__file__).with_name("trl_ddp_run.py")
 LAUNCH_TIMEOUT_S = 180
@@ -59,12 +61,12 @@ def launched(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
     runs = [
         {
             "name": name,
-            "kind": "dpo",
+            "kind": kind,
             "trainer": trainer,
             "tensor_parallel": True,
             "overrides": {"per_device_train_batch_size": BATCH, **overrides},
         }
-        for name, (trainer, overrides) in RUNS.items()
+        for name, (kind, trainer, overrides) in RUNS.items()
     ]
     plan = root / "plan.json"
     plan.write_text(json.dumps({"out": str(root), "n_rows": N_ROWS, "runs": runs}))
@@ -80,9 +82,9 @@ def launched(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
 
 def single(tmp_path: Path, name: str) -> dict[str, Any]:
     """The run ``name`` in this process on the unsplit untied models."""
-    trainer, overrides = RUNS[name]
+    kind, trainer, overrides = RUNS[name]
     run = build(
-        "dpo",
+        kind,
         trainer,
         tmp_path / name,
         N_ROWS,

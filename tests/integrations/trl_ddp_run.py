@@ -12,7 +12,7 @@ tell a real DDP run from N independent single-process ones.
 ``trainer`` is "lenalign" or "trl", ``kind`` "dpo" (the default), "kto" or "sft":
 LenalignDPOTrainer or TRL's DPOTrainer, and so on; ``overrides`` are the config's fields
 on top of trl_helpers.config_kwargs. ``n_rows`` rows of the kind's data set (preference
-pairs, unpaired completions, texts). ``"tensor_parallel": true`` (DPO) trains the untied
+pairs, unpaired completions, texts). ``"tensor_parallel": true`` trains the untied
 tiny models split over the launch's ranks by ``trl_helpers.tensor_parallel`` instead,
 under the profiler, and records the head's placement and the vocabulary-wide tensors the
 ops took.
@@ -70,13 +70,20 @@ def build(
     overrides: dict[str, Any],
     **models: Any,
 ):
-    """The trainer of ``kind`` on ``n_rows`` rows of its tiny data set (DPO: on
-    ``models``, ``model=`` and ``ref_model=``, where given)."""
+    """The trainer of ``kind`` on ``n_rows`` rows of its tiny data set (on ``models``,
+    ``model=`` and ``ref_model=``, where given; SFT has no reference)."""
     classes = TRAINERS[kind][trainer]
-    if kind == "kto":
-        return make_kto(*classes, output_dir, dataset=unpaired_dataset(n_rows), **overrides)
+    if "model" in models and kind != "dpo":
+        policy = models["model"]
+        models = {**models, "model": lambda: policy}  # SFT's and KTO's builders take a builder
     if kind == "sft":
-        return make_sft(*classes, output_dir, dataset=text_dataset(n_rows), **overrides)
+        models.pop("ref_model", None)
+    if kind == "kto":
+        dataset = unpaired_dataset(n_rows)
+        return make_kto(*classes, output_dir, dataset=dataset, **models, **overrides)
+    if kind == "sft":
+        dataset = text_dataset(n_rows)
+        return make_sft(*classes, output_dir, dataset=dataset, **models, **overrides)
     dataset = preference_dataset(n_rows)
     return make_trainer(*classes, output_dir, train_dataset=dataset, **models, **overrides)
 

@@ -20,7 +20,7 @@ VENV := .venv
 LATEST := .venv-latest
 LOCK := constraints.txt
 CPU_TORCH := torch==2.13.0
-EXTRAS := .[dev,train,bench,trl]
+EXTRAS := .[dev,train,bench,trl,deepspeed]
 HAS_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo yes)
 
 ifeq ($(HAS_TORCH),yes)

@@ -1,21 +1,28 @@
-"""DPO training steps on a tensor-parallel model: TRL's DPOTrainer, whose fused head
-all-gathers the vocab-split LM head (``weight.full_tensor()``), against
-LenalignDPOTrainer, which scores the head's local rows vocab-parallel; peak memory per
-rank and bytes handed to collectives per step.
+"""DPO training steps on a model split over CPU ranks: TRL's DPOTrainer against
+LenalignDPOTrainer, peak memory per rank and bytes handed to collectives per step.
 
-    python benchmarks/tensor_parallel.py [--steps 5] [--world 2]
+    python benchmarks/tensor_parallel.py [--steps 5] [--world 2] [--split tp|zero3]
+
+``--split tp`` (the default), tensor parallelism: DPOTrainer's fused head all-gathers the
+vocab-split LM head (``weight.full_tensor()``), LenalignDPOTrainer scores the head's
+local rows vocab-parallel. ``--split zero3``, DeepSpeed ZeRO-3 (data parallelism with
+every parameter partitioned, ``stage3_param_persistence_threshold`` 0): both trainers'
+heads are gathered by DeepSpeed (docs/distributed.md, "DeepSpeed ZeRO-3"), and what
+differs is what each forms from it.
 
 The model is trl_step.py's ``vocab128k`` case (a 2-layer, 256-wide Llama with Llama 3's
-128256-token vocabulary, 2 pairs of 128-byte prompts and 96-128-byte completions a step)
-with its LM head untied from the embedding, policy and reference alike. ``torchrun``
-starts ``--world`` CPU processes joined by gloo on 127.0.0.1; each parallelizes both
-models with torch's own ``parallelize_module`` (attention and MLP projections
-ColwiseParallel / RowwiseParallel, ``lm_head`` ColwiseParallel: its weight a Shard(0)
-DTensor) and trains on the whole batch, as tensor parallelism without data parallelism
-does (accelerate on a CPU runs no data parallelism here: no ``use_cpu``). World 1 is the
-same model unsplit, for scale. A callback times each optimizer step and measures its
-peak memory above the level at the step's start (the process's resident memory); the
-last step is run under a dispatch mode that adds up the bytes of every
+128256-token vocabulary, 2 pairs of 128-byte prompts and 96-128-byte completions a step
+per rank) with its LM head untied from the embedding, policy and reference alike.
+``torchrun`` starts ``--world`` CPU processes joined by gloo on 127.0.0.1. Under ``tp``
+each parallelizes both models with torch's own ``parallelize_module`` (attention and MLP
+projections ColwiseParallel / RowwiseParallel, ``lm_head`` ColwiseParallel: its weight a
+Shard(0) DTensor) and trains on the whole batch, as tensor parallelism without data
+parallelism does (accelerate on a CPU runs no data parallelism here: no ``use_cpu``);
+world 1 is the same model unsplit, for scale. Under ``zero3`` the launch sets what
+``accelerate launch`` sets from a DeepSpeed config (``DS_ACCELERATOR=cpu``), each rank
+takes its own pairs, and there is no world 1. A callback times each optimizer step and
+measures its peak memory above the level at the step's start (the process's resident
+memory); the last step is run under a dispatch mode that adds up the bytes of every
 tensor handed to a collective (torch.distributed's and DTensor's functional ones). The
 losses of the two trainers must agree (relative 1e-3) before anything is reported.
 Prints a markdown table.
@@ -50,6 +57,15 @@ COLWISE = (
     "mlp.up_proj",
 )
 ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
+# every parameter partitioned (the default keeps those under 1e5 elements whole); batch
+# sizes from the trainer's config, its own optimizer
+ZERO3 = {
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
+    "zero_allow_untested_optimizer": True,
+}
 
 
 class CollectiveBytes(TorchDispatchMode):
@@ -98,7 +114,7 @@ def parallelized(model: torch.nn.Module, world: int) -> torch.nn.Module:
     return parallelize_module(model, init_device_mesh("cpu", (world,)), plan)
 
 
-def worker(trainer_name: str, steps: int) -> dict:
+def worker(trainer_name: str, steps: int, split: str) -> dict:
     """One trainer's run on this rank: per-step seconds and peak bytes, the counted
     step's bytes, and the losses."""
     from transformers import TrainerCallback
@@ -106,14 +122,16 @@ def worker(trainer_name: str, steps: int) -> dict:
     from lenalign.bench import peak_memory_probe
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
+    if world > 1 and split == "tp":
+        # under ZeRO-3, accelerate starts DeepSpeed's process group itself
         torch.distributed.init_process_group("gloo")
     torch.set_num_threads(1)
     case = CASES[CASE]
     models = []
     for seed in (0, 1):
         model, tokenizer, dataset = build(case, seed)
-        models.append(parallelized(untied(model), world) if world > 1 else untied(model))
+        split_here = world > 1 and split == "tp"
+        models.append(parallelized(untied(model), world) if split_here else untied(model))
     Config, Trainer = classes("dpo", trainer_name)
     probe = peak_memory_probe(torch.device("cpu"))
     counter = CollectiveBytes()
@@ -151,7 +169,9 @@ def worker(trainer_name: str, steps: int) -> dict:
             bf16=False,
             # one process: the CPU; several: no use_cpu, which would make accelerate deal
             # out batches as data parallelism (every rank of a TP group takes them all)
+            # and drop DeepSpeed
             use_cpu=world == 1,
+            **({"ddp_backend": "gloo"} if split == "zero3" else {}),
         )
         trainer = Trainer(
             model=models[0],
@@ -164,16 +184,24 @@ def worker(trainer_name: str, steps: int) -> dict:
         trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {"records": records, "sent": counter.total, "losses": losses}
-    if world > 1:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return result
 
 
-def launch(trainer_name: str, world: int, steps: int, out: Path) -> list[dict]:
+def launch(trainer_name: str, world: int, steps: int, split: str, out: Path) -> list[dict]:
     """Every rank's worker result of one run."""
-    script = [str(Path(__file__).resolve()), "--worker", trainer_name]
+    script = [str(Path(__file__).resolve()), "--worker", trainer_name, "--split", split]
     script += ["--steps", str(steps), "--out", str(out)]
     env = os.environ | {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    if split == "zero3":
+        config = out / "zero3.json"
+        config.write_text(json.dumps(ZERO3))
+        env |= {
+            "ACCELERATE_USE_DEEPSPEED": "true",
+            "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config),
+            "DS_ACCELERATOR": "cpu",
+        }
     if world == 1:
         command = [sys.executable, *script]
     else:
@@ -197,11 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--split", choices=("tp", "zero3"), default="tp")
     parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.worker:
-        result = worker(options.worker, options.steps)
+        result = worker(options.worker, options.steps, options.split)
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         path = options.out / f"{options.worker}-world{world}-rank{rank}.json"
@@ -211,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     from lenalign.bench import machine_description
 
     print(json.dumps(machine_description(torch.device("cpu"))))
+    print(f"split: {options.split}")
     lines = [
         "| trainer | ranks | median s / step | peak MiB / step, per rank | "
         "collective MiB / step, per rank |",
@@ -218,8 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     labels = {"trl": "DPOTrainer", "lenalign": "LenalignDPOTrainer"}
     with tempfile.TemporaryDirectory() as out:
-        for world in sorted({1, options.world}):
-            runs = {name: launch(name, world, options.steps, Path(out)) for name in TRAINERS}
+        worlds = sorted({1, options.world}) if options.split == "tp" else [options.world]
+        for world in worlds:
+            runs = {
+                name: launch(name, world, options.steps, options.split, Path(out))
+                for name in TRAINERS
+            }
             for theirs, ours in zip(
                 runs["trl"][0]["losses"], runs["lenalign"][0]["losses"], strict=True
             ):

@@ -71,15 +71,17 @@ def torchrun_command(world_size: int, *script: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_bounded(command: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run ``command`` in ``child_environment()``, its output in ``stdout``; one still
-    running after ``timeout`` seconds is killed with every process it started (it runs
-    in a session of its own) and fails the test."""
+def run_bounded(
+    command: list[str], timeout: float, environment: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``command`` in ``child_environment()`` (with ``environment`` added), its output
+    in ``stdout``; one still running after ``timeout`` seconds is killed with every
+    process it started (it runs in a session of its own) and fails the test."""
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=child_environment(),
+        env=child_environment() | (environment or {}),
         text=True,
         start_new_session=True,
     )

@@ -15,7 +15,10 @@ on top of trl_helpers.config_kwargs. ``n_rows`` rows of the kind's data set (pre
 pairs, unpaired completions, texts). ``"tensor_parallel": true`` trains the untied
 tiny models split over the launch's ranks by ``trl_helpers.tensor_parallel`` instead,
 under the profiler, and records the head's placement and the vocabulary-wide tensors the
-ops took.
+ops took; ``"untied": true`` trains the untied tiny models unsplit. ``"deepspeed": PATH``
+names the run's DeepSpeed config file, as ``accelerate launch`` does (the launch sets
+``ACCELERATE_USE_DEEPSPEED`` and ``DS_ACCELERATOR``); the run records its ZeRO stage,
+whether the head was partitioned, and its parameters gathered whole.
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ def run(out: Path, entry: dict[str, Any], n_rows: int) -> None:
     name = entry["name"]
     kind = entry.get("kind", "dpo")
     models, profiler = {}, nullcontext()
+    if "deepspeed" in entry:
+        # what accelerate launch sets from its config: read by the config's __post_init__
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = entry["deepspeed"]
     if entry.get("tensor_parallel"):
         world = int(os.environ["WORLD_SIZE"])
         models = {
@@ -100,17 +106,31 @@ def run(out: Path, entry: dict[str, Any], n_rows: int) -> None:
             "ref_model": tensor_parallel(untied_tiny_model(REFERENCE_SEED), world),
         }
         profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+    elif entry.get("untied"):
+        models = {
+            "model": untied_tiny_model(POLICY_SEED),
+            "ref_model": untied_tiny_model(REFERENCE_SEED),
+        }
     trainer = build(kind, entry["trainer"], out / name, n_rows, entry["overrides"], **models)
     with profiler:
         trainer.train()
     state = trainer.accelerator.state
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     model = trainer.accelerator.unwrap_model(trainer.model)
-    result = {
-        "state_dict": {
+    head = model.get_output_embeddings().weight
+    zero_stage = state.deepspeed_plugin.zero_stage if state.deepspeed_plugin else None
+    # ZeRO-3's parameters are partitioned outside a forward: whole ones to compare, and
+    # whether the head was (its local slice smaller than the whole, on every rank)
+    head_partitioned = hasattr(head, "ds_tensor") and head.ds_tensor.numel() < head.ds_numel
+    with whole_parameters(model, zero_stage):
+        state_dict = {
             key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
             for key, value in model.state_dict().items()
-        },
+        }
+    result = {
+        "state_dict": state_dict,
+        "zero_stage": zero_stage,
+        "head_partitioned": head_partitioned,
         "log_history": trainer.state.log_history,
         "world_size": state.num_processes,
         "rank": rank,
@@ -122,7 +142,6 @@ def run(out: Path, entry: dict[str, Any], n_rows: int) -> None:
         "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
     }
     if entry.get("tensor_parallel"):
-        head = model.lm_head.weight
         vocab, hidden = head.shape
         shapes = {tuple(shape) for event in profiler.events() for shape in event.input_shapes or ()}
         result |= {
@@ -134,6 +153,15 @@ def run(out: Path, entry: dict[str, Any], n_rows: int) -> None:
             "local_head_seen": (head.to_local().shape[0], hidden) in shapes,
         }
     torch.save(result, out / f"{name}-rank{rank}.pt")
+
+
+def whole_parameters(model: torch.nn.Module, zero_stage: int | None):
+    """A context in which ZeRO-3's partitioned parameters are whole (none otherwise)."""
+    if zero_stage != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 def main(plan_path: str) -> None:

@@ -9,7 +9,12 @@ previous forward runs, so generation and TRL's own calls are unchanged.
 
 The scoring runs inside the model's forward, as TRL's fused head does, rather than after
 it: wrappers that act around a forward (DDP's gradient hooks, PEFT's adapters, FSDP's
-parameter gathering, accelerate's autocast) then see it as part of the model.
+parameter gathering, accelerate's autocast) then see it as part of the model. DeepSpeed
+ZeRO-3 among them: the head's weight, partitioned between the ranks outside a forward,
+is read here without calling the head module, and ZeRO-3 gathers a parameter read so
+inside a module's forward as an external parameter of that module (the causal LM),
+releases it when that forward ends and gathers it again for its backward, where
+lenalign's op reads it (docs/distributed.md, "DeepSpeed ZeRO-3").
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ... import VocabShard, linear_sequence_logprobs
-from ...checks import fail
 from ...outputs import SequenceLogProbs
 from ..hf import fused_head_transform
 
@@ -202,17 +206,3 @@ def _load_balancing_loss(
         num_experts = getattr(text_config, "num_local_experts", None) or model.num_experts
     top_k = getattr(text_config, "num_experts_per_tok", None) or model.num_experts_per_tok
     return load_balancing_loss_func(outputs.router_logits, num_experts, top_k, attention_mask)
-
-
-def refuse_zero3(args: object) -> None:
-    """Refuse DeepSpeed ZeRO-3 in a trainer's config, naming ``deepspeed``: lenalign's
-    backward reads the LM head's weight, which ZeRO-3 keeps partitioned outside the
-    head's own forward."""
-    plugin = getattr(args, "deepspeed_plugin", None)
-    if plugin is not None and plugin.zero_stage == 3:
-        fail(
-            "deepspeed",
-            "ZeRO stage 0 to 2 (lenalign's backward reads the LM head's weight, which "
-            "ZeRO-3 keeps partitioned outside the head's own forward)",
-            "ZeRO stage 3",
-        )

@@ -21,7 +21,6 @@ from trl import KTOTrainer
 from trl.trainer.utils import get_config_model_id
 
 from .fused_call import answer_fused_calls
-from .head import refuse_zero3
 from .kto_config import LenalignKTOConfig, resolve_kto_exponent
 
 
@@ -46,8 +45,8 @@ class LenalignKTOTrainer(KTOTrainer):
 
     Raises:
         ValueError: naming the field, for a bad ``length_normalization`` (or one != "sum"
-            with a loss type not known to sum), DeepSpeed ZeRO-3, and an LM head or logit
-            transform lenalign does not reproduce.
+            with a loss type not known to sum), and an LM head or logit transform
+            lenalign does not reproduce.
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "kto", "lenalign"]
@@ -59,7 +58,6 @@ class LenalignKTOTrainer(KTOTrainer):
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = LenalignKTOConfig(f"{name.split('/')[-1]}-KTO")
         self._exponent = resolve_kto_exponent(args)
-        refuse_zero3(args)
         super().__init__(model, ref_model, args, *positional, **kwargs)
         self._answer_fused_calls()
 

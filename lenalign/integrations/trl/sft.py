@@ -24,7 +24,7 @@ from trl.trainer.utils import get_config_model_id
 from ...checks import fail
 from ...losses import sequence_score
 from ...outputs import SequenceLogProbs
-from .head import HeadRequest, install_under_wrappers, refuse_zero3
+from .head import HeadRequest, install_under_wrappers
 from .sft_config import LenalignSFTConfig, resolve_sft_normalization
 
 
@@ -76,9 +76,8 @@ class LenalignSFTTrainer(SFTTrainer):
     Raises:
         ValueError: naming the field, for a bad ``length_normalization``, a per-sequence
             ``length_normalization`` with ``compute_loss_func`` or label smoothing (whose
-            loss is TRL's token mean), DeepSpeed ZeRO-3 (lenalign's backward reads the
-            LM head's weight, which ZeRO-3 keeps partitioned outside the head's forward),
-            and an LM head or logit transform lenalign does not reproduce.
+            loss is TRL's token mean), and an LM head or logit transform lenalign does
+            not reproduce.
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "sft", "lenalign"]
@@ -88,7 +87,6 @@ class LenalignSFTTrainer(SFTTrainer):
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = LenalignSFTConfig(f"{name.split('/')[-1]}-SFT")
         self._exponent = resolve_sft_normalization(args)
-        refuse_zero3(args)
         super().__init__(model, args, *positional, **kwargs)
         if self._exponent is not None and not self._lenalign_loss():
             fail(

@@ -27,7 +27,7 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 from ...checks import fail
 from ...outputs import SequenceLogProbs
 from .config import LenalignDPOConfig, resolve_settings
-from .head import HeadRequest, install_under_wrappers, refuse_zero3
+from .head import HeadRequest, install_under_wrappers
 from .metrics import record_metrics
 from .objectives import (
     PairScores,
@@ -70,9 +70,8 @@ class LenalignDPOTrainer(DPOTrainer):
     Raises:
         ValueError: naming the field, for the settings ``config.resolve_settings``
             refuses, ``padding_free=True`` with a model whose attention would mix packed
-            sequences (or a vision data set, or prompt-learning PEFT), DeepSpeed ZeRO-3
-            (the head's weight would be partitioned when the backward reads it), and an
-            LM head or logit transform that lenalign does not reproduce.
+            sequences (or a vision data set, or prompt-learning PEFT), and an LM head or
+            logit transform that lenalign does not reproduce.
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "dpo", "lenalign"]
@@ -101,7 +100,6 @@ class LenalignDPOTrainer(DPOTrainer):
         # model (or its wrapper) -> the causal LM with lenalign's forward; unwrapping asks
         # the package metadata whether peft is installed, too slow for every forward
         self._causal_lms: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        refuse_zero3(args)
         # DPOTrainer turns padding_free off with a warning that it is unavailable; here it
         # is available, so hide it from DPOTrainer and restore it
         padding_free = args.padding_free

@@ -11,7 +11,8 @@ lenalign reads ``lm_head.weight`` inside the model's forward without calling the
 module; DeepSpeed then gathers it as an external parameter of the model, releases it
 when the forward ends and gathers it again for the backward, where lenalign's op reads
 it. Each lenalign trainer must train as TRL's own does under the same config (DPO with
-its head tied to the embedding and untied, KTO, SFT), and the "mean" DPO run as one
+its head tied to the embedding and untied, padding-free, KTO, SFT), and the "mean" DPO
+run as one
 process on the global batch: loss curve, logged metrics and final weights (gathered)
 within float32 rounding. A backward that read the partitioned (empty) weight would fail
 on its shape; one whose head gradient missed ZeRO-3's reduction would leave the head
@@ -52,6 +53,7 @@ RUNS: dict[str, tuple[int, str, str, dict[str, Any], bool]] = {
     "zero3-lenalign-sum": (3, "dpo", "lenalign", {}, False),
     "zero3-trl-sum": (3, "dpo", "trl", {}, False),
     "zero3-lenalign-mean": (3, "dpo", "lenalign", {"length_normalization": "mean"}, False),
+    "zero3-lenalign-padding-free": (3, "dpo", "lenalign", {"padding_free": True}, False),
     "zero3-untied-lenalign-sum": (3, "dpo", "lenalign", {}, True),
     "zero3-untied-trl-sum": (3, "dpo", "trl", {}, True),
     "zero3-kto-lenalign-sum": (3, "kto", "lenalign", {}, False),
@@ -141,6 +143,7 @@ def test_runs_are_deepspeed_with_the_head_partitioned(launched):
     ("trl_run", "lenalign_run"),
     [
         ("zero3-trl-sum", "zero3-lenalign-sum"),
+        ("zero3-trl-sum", "zero3-lenalign-padding-free"),
         ("zero3-untied-trl-sum", "zero3-untied-lenalign-sum"),
         ("zero3-kto-trl-sum", "zero3-kto-lenalign-sum"),
         ("zero3-sft-trl-token", "zero3-sft-lenalign-token"),

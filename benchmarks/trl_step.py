@@ -1,6 +1,7 @@
 """A training step of a TRL trainer against its lenalign switch: DPOTrainer against
 LenalignDPOTrainer, or with ``--kind sft`` SFTTrainer against LenalignSFTTrainer, with
-``--kind kto`` KTOTrainer against LenalignKTOTrainer.
+``--kind kto`` KTOTrainer against LenalignKTOTrainer, ``--kind grpo`` GRPOTrainer against
+LenalignGRPOTrainer, ``--kind rloo`` RLOOTrainer against LenalignRLOOTrainer.
 
     python benchmarks/trl_step.py                 # CPU: DPO, the two cases below
     python benchmarks/trl_step.py --kind sft --case vocab128k --steps 8
@@ -9,7 +10,10 @@ Both trainers get the same model (built from a config, seeded), the same in-memo
 set (preference pairs for DPO; the chosen completions as prompt-completion rows for SFT,
 which then trains on the completions only, SFTTrainer's default; for KTO each pair as two
 unpaired rows, the chosen desirable and the rejected not, twice the pairs a step, so that
-a step scores as many completions as DPO's, plus KTO's KL pairs) and the same config
+a step scores as many completions as DPO's, plus KTO's KL pairs; for GRPO and RLOO the
+prompts, 2 completions sampled for each of a step's pairs' prompts, a fixed reward, and
+a reference with beta 0.04: the step generates, then scores the completions with the
+policy, the reference and the policy again with gradient) and the same config
 (TRL's defaults; bf16 on a GPU, fp32 on CPU), and run in their own fresh process, one
 after the other. A callback
 times every optimizer step and measures its peak memory above the level at the step's
@@ -54,7 +58,18 @@ KINDS = {
     "dpo": ("DPOConfig", "DPOTrainer"),
     "sft": ("SFTConfig", "SFTTrainer"),
     "kto": ("KTOConfig", "KTOTrainer"),
+    "grpo": ("GRPOConfig", "GRPOTrainer"),
+    "rloo": ("RLOOConfig", "RLOOTrainer"),
 }
+# GRPO and RLOO: completions sampled per prompt, and the KL coefficient (a reference
+# model, built by both trainers from the policy's path)
+GENERATIONS = 2
+RL_BETA = 0.04
+
+
+def letter_reward(completions: list[str], **_) -> list[float]:
+    """GRPO's and RLOO's reward: the share of letters after 'e' in a completion."""
+    return [sum(c > "e" for c in text) / max(len(text), 1) for text in completions]
 
 
 def classes(kind: str, trainer_name: str) -> tuple[type, type]:
@@ -138,6 +153,14 @@ def worker(kind: str, trainer_name: str, case_name: str, steps: int, device_type
             batched=True,
             remove_columns=["chosen", "rejected"],
         )
+    elif kind in ("grpo", "rloo"):
+        # the prompts; each step samples GENERATIONS completions of up to the case's
+        # longest completion for each of the case's pairs' prompts
+        rows_per_step = GENERATIONS * case["pairs"]
+        dataset = dataset.map(
+            lambda row: {"prompt": row["prompt"]}, remove_columns=["chosen", "rejected"]
+        )
+        extra["reward_funcs"] = letter_reward
     probe = peak_memory_probe(device)
     records: list[dict] = []
 
@@ -153,6 +176,21 @@ def worker(kind: str, trainer_name: str, case_name: str, steps: int, device_type
 
     with tempfile.TemporaryDirectory() as output_dir, warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        rl_fields = {}
+        if kind in ("grpo", "rloo"):
+            vocab = model.config.vocab_size
+            # the trainers build the reference from the policy's path
+            model.save_pretrained(f"{output_dir}/model")
+            tokenizer.save_pretrained(f"{output_dir}/model")
+            model = f"{output_dir}/model"
+            rl_fields = {
+                "num_generations": GENERATIONS,
+                "max_completion_length": case["completion"][1],
+                "beta": RL_BETA,
+                # sample only the byte tokenizer's ids (a larger vocabulary's others have
+                # no text to decode for the reward)
+                "generation_kwargs": {"suppress_tokens": list(range(len(tokenizer), vocab))},
+            }
         args = Config(
             output_dir=output_dir,
             per_device_train_batch_size=rows_per_step,
@@ -165,6 +203,7 @@ def worker(kind: str, trainer_name: str, case_name: str, steps: int, device_type
             use_cpu=device.type == "cpu",
             dataloader_pin_memory=False,
             learning_rate=1e-5,
+            **rl_fields,
         )
         trainer = Trainer(
             model=model,

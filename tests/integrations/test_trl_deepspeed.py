@@ -11,8 +11,8 @@ lenalign reads ``lm_head.weight`` inside the model's forward without calling the
 module; DeepSpeed then gathers it as an external parameter of the model, releases it
 when the forward ends and gathers it again for the backward, where lenalign's op reads
 it. Each lenalign trainer must train as TRL's own does under the same config (DPO with
-its head tied to the embedding and untied, padding-free, KTO, SFT), and the "mean" DPO
-run as one
+its head tied to the embedding and untied, padding-free, KTO, SFT, GRPO, RLOO), and the
+"mean" DPO run as one
 process on the global batch: loss curve, logged metrics and final weights (gathered)
 within float32 rounding. A backward that read the partitioned (empty) weight would fail
 on its shape; one whose head gradient missed ZeRO-3's reduction would leave the head
@@ -60,6 +60,10 @@ RUNS: dict[str, tuple[int, str, str, dict[str, Any], bool]] = {
     "zero3-kto-trl-sum": (3, "kto", "trl", {}, False),
     "zero3-sft-lenalign-token": (3, "sft", "lenalign", {}, False),
     "zero3-sft-trl-token": (3, "sft", "trl", {}, False),
+    "zero3-grpo-lenalign": (3, "grpo", "lenalign", {"beta": 0.0}, False),
+    "zero3-grpo-trl": (3, "grpo", "trl", {"beta": 0.0}, False),
+    "zero3-rloo-lenalign": (3, "rloo", "lenalign", {"beta": 0.0}, False),
+    "zero3-rloo-trl": (3, "rloo", "trl", {"beta": 0.0}, False),
     "zero2-lenalign-sum": (2, "dpo", "lenalign", {}, False),
     "zero2-trl-sum": (2, "dpo", "trl", {}, False),
 }
@@ -147,6 +151,8 @@ def test_runs_are_deepspeed_with_the_head_partitioned(launched):
         ("zero3-untied-trl-sum", "zero3-untied-lenalign-sum"),
         ("zero3-kto-trl-sum", "zero3-kto-lenalign-sum"),
         ("zero3-sft-trl-token", "zero3-sft-lenalign-token"),
+        ("zero3-grpo-trl", "zero3-grpo-lenalign"),
+        ("zero3-rloo-trl", "zero3-rloo-lenalign"),
         ("zero2-trl-sum", "zero2-lenalign-sum"),
     ],
 )

@@ -5,7 +5,9 @@ and step: LenalignDPOTrainer with "sum" (DDP walking the outputs for unused para
 the Trainer's default without gradient checkpointing, and not), with "mean", and TRL's
 own DPOTrainer with "sum"; LenalignKTOTrainer and KTOTrainer with "sum", and
 LenalignKTOTrainer with "mean" (loss type apo_zero_unpaired); LenalignSFTTrainer and
-SFTTrainer with "token", and LenalignSFTTrainer with "sequence". The truth is the
+SFTTrainer with "token", and LenalignSFTTrainer with "sequence"; LenalignGRPOTrainer and
+GRPOTrainer, LenalignRLOOTrainer and RLOOTrainer (1 prompt x 2 sampled completions per
+rank and step, no reference). The truth is the
 single-process run of the same global batch (4 rows a step), in this process, or TRL's
 trainer under the same DDP: KTO's KL estimate pairs the completions within each
 per-device batch, so its "kto" loss is not the single process's.
@@ -58,6 +60,11 @@ RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "sft-lenalign-token": ("sft", "lenalign", {}),
     "sft-trl-token": ("sft", "trl", {}),
     "sft-lenalign-sequence": ("sft", "lenalign", {"length_normalization": "sequence"}),
+    # 1 prompt x 2 completions per rank and step, no reference model
+    "grpo-lenalign": ("grpo", "lenalign", {"beta": 0.0}),
+    "grpo-trl": ("grpo", "trl", {"beta": 0.0}),
+    "rloo-lenalign": ("rloo", "lenalign", {"beta": 0.0}),
+    "rloo-trl": ("rloo", "trl", {"beta": 0.0}),
 }
 # the runs whose truth is a single process on the global batch
 SINGLE_RUNS = ("lenalign-sum", "lenalign-mean", "kto-lenalign-mean", "sft-lenalign-sequence")
@@ -185,6 +192,8 @@ def test_ddp_trains_as_one_process(launched, single, name, reference):
         ("trl-sum", "lenalign-sum"),
         ("kto-trl-sum", "kto-lenalign-sum"),
         ("sft-trl-token", "sft-lenalign-token"),
+        ("grpo-trl", "grpo-lenalign"),
+        ("rloo-trl", "rloo-lenalign"),
     ],
 )
 def test_ddp_reproduces_trl_trainer_under_ddp(launched, trl_run, lenalign_run):

@@ -9,13 +9,14 @@ once for all of them) and writes ``DIR/<name>-rank<r>.pt`` with its final parame
 its log history and what the run was actually distributed over, so that the test can
 tell a real DDP run from N independent single-process ones.
 
-``trainer`` is "lenalign" or "trl", ``kind`` "dpo" (the default), "kto" or "sft":
-LenalignDPOTrainer or TRL's DPOTrainer, and so on; ``overrides`` are the config's fields
-on top of trl_helpers.config_kwargs. ``n_rows`` rows of the kind's data set (preference
-pairs, unpaired completions, texts). ``"tensor_parallel": true`` trains the untied
-tiny models split over the launch's ranks by ``trl_helpers.tensor_parallel`` instead,
-under the profiler, and records the head's placement and the vocabulary-wide tensors the
-ops took; ``"untied": true`` trains the untied tiny models unsplit. ``"deepspeed": PATH``
+``trainer`` is "lenalign" or "trl", ``kind`` "dpo" (the default), "kto", "sft", "grpo"
+or "rloo": LenalignDPOTrainer or TRL's DPOTrainer, and so on; ``overrides`` are the
+config's fields on top of trl_helpers.config_kwargs. ``n_rows`` rows of the kind's data
+set (preference pairs, unpaired completions, texts, prompts). ``"tensor_parallel":
+true`` trains the untied tiny models split over the launch's ranks by
+``trl_helpers.tensor_parallel`` instead, under the profiler, and records the head's
+placement and the vocabulary-wide tensors the ops took; ``"untied": true`` trains the
+untied tiny models unsplit. ``"deepspeed": PATH``
 names the run's DeepSpeed config file, as ``accelerate launch`` does (the launch sets
 ``ACCELERATE_USE_DEEPSPEED`` and ``DS_ACCELERATOR``); the run records its ZeRO stage,
 whether the head was partitioned, and its parameters gathered whole.
@@ -33,15 +34,28 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, Shard
 from torch.profiler import ProfilerActivity, profile
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+from trl import (
+    DPOConfig,
+    DPOTrainer,
+    GRPOConfig,
+    GRPOTrainer,
+    KTOConfig,
+    KTOTrainer,
+    RLOOConfig,
+    RLOOTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
 from trl_helpers import (
     POLICY_SEED,
     REFERENCE_SEED,
     make_kto,
+    make_rl,
     make_sft,
     make_trainer,
     preference_dataset,
     profiled_vocab_rows,
+    prompt_dataset,
     tensor_parallel,
     text_dataset,
     unpaired_dataset,
@@ -51,8 +65,12 @@ from trl_helpers import (
 from lenalign.integrations.trl import (
     LenalignDPOConfig,
     LenalignDPOTrainer,
+    LenalignGRPOConfig,
+    LenalignGRPOTrainer,
     LenalignKTOConfig,
     LenalignKTOTrainer,
+    LenalignRLOOConfig,
+    LenalignRLOOTrainer,
     LenalignSFTConfig,
     LenalignSFTTrainer,
 )
@@ -62,6 +80,14 @@ TRAINERS = {
     "dpo": {"lenalign": (LenalignDPOTrainer, LenalignDPOConfig), "trl": (DPOTrainer, DPOConfig)},
     "kto": {"lenalign": (LenalignKTOTrainer, LenalignKTOConfig), "trl": (KTOTrainer, KTOConfig)},
     "sft": {"lenalign": (LenalignSFTTrainer, LenalignSFTConfig), "trl": (SFTTrainer, SFTConfig)},
+    "grpo": {
+        "lenalign": (LenalignGRPOTrainer, LenalignGRPOConfig),
+        "trl": (GRPOTrainer, GRPOConfig),
+    },
+    "rloo": {
+        "lenalign": (LenalignRLOOTrainer, LenalignRLOOConfig),
+        "trl": (RLOOTrainer, RLOOConfig),
+    },
 }
 
 
@@ -81,6 +107,10 @@ def build(
         models = {**models, "model": lambda: policy}  # SFT's and KTO's builders take a builder
     if kind == "sft":
         models.pop("ref_model", None)
+    if kind in ("grpo", "rloo"):
+        # no reference model: the runs here set beta 0 (with beta > 0 the trainers
+        # build the reference from the policy's path)
+        return make_rl(*classes, output_dir, dataset=prompt_dataset(n_rows), **overrides)
     if kind == "kto":
         dataset = unpaired_dataset(n_rows)
         return make_kto(*classes, output_dir, dataset=dataset, **models, **overrides)

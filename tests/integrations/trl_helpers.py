@@ -30,10 +30,13 @@ from lenalign.train import build_byte_tokenizer, build_tiny_llama
 POLICY_SEED = 0
 REFERENCE_SEED = 1
 # timings differ from run to run; everything else in log_history must agree
-TIMING_KEYS = tuple(
-    f"{mode}_{name}"
-    for mode in ("train", "eval")
-    for name in ("runtime", "samples_per_second", "steps_per_second")
+TIMING_KEYS = (
+    *(
+        f"{mode}_{name}"
+        for mode in ("train", "eval")
+        for name in ("runtime", "samples_per_second", "steps_per_second")
+    ),
+    "step_time",  # GRPOTrainer's and RLOOTrainer's own
 )
 RTOL = 1e-4
 # for metrics whose value is a few ulps from 0 (a tie of rewards, a mean logit near 0)
@@ -385,3 +388,45 @@ def trained_kto(trainer_cls, config_cls, output_dir, **kwargs):
     trainer = make_kto(trainer_cls, config_cls, output_dir, **kwargs)
     trainer.train()
     return trainer
+
+
+GENERATIONS = 2
+COMPLETION_TOKENS = 8
+# GRPO and RLOO: 2 prompts x 2 completions a step, short completions
+RL_FIELDS = {
+    "per_device_train_batch_size": 2 * GENERATIONS,
+    "num_generations": GENERATIONS,
+    "max_completion_length": COMPLETION_TOKENS,
+}
+
+
+def prompt_dataset(n: int = 8) -> Dataset:
+    words = ["hello world", "abc def", "the cat sat", "zz top", "q: ab", "red fox", "x", "go"]
+    return Dataset.from_dict({"prompt": [words[i % len(words)] for i in range(n)]})
+
+
+def reward(completions: list[str], **_) -> list[float]:
+    """A fixed reward that prefers letters other than 'a' and some length."""
+    return [len(text) / COMPLETION_TOKENS - 0.5 * text.count("a") for text in completions]
+
+
+def saved_tiny_model(directory: Path) -> str:
+    """The tiny policy and tokenizer on disk: with beta > 0 the trainers build the
+    reference from the policy's path."""
+    tiny_model().save_pretrained(directory)
+    tokenizer().save_pretrained(directory)
+    return str(directory)
+
+
+def make_rl(trainer_cls, config_cls, output_dir: Path, *, model=None, dataset=None, **overrides):
+    """A GRPO or RLOO trainer on the tiny policy (or a path) and the prompts."""
+    fields = config_kwargs(output_dir, **{**RL_FIELDS, **overrides})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return trainer_cls(
+            model=tiny_model() if model is None else model,
+            reward_funcs=reward,
+            args=config_cls(**fields),
+            train_dataset=prompt_dataset() if dataset is None else dataset,
+            processing_class=tokenizer(),
+        )

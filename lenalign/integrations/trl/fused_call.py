@@ -28,7 +28,8 @@ import types
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from accelerate.utils import is_peft_model
+from transformers import PreTrainedModel, Trainer
 from trl.trainer.utils import FusedCausalLMOutput
 
 from ...checks import fail
@@ -138,6 +139,19 @@ def answer_fused_calls(
     model.forward = types.MethodType(forward, model)
     setattr(model, ANSWERED_MARK, True)
     return model
+
+
+def answer_trainer_fused_calls(trainer: Trainer, **settings: float | bool | None) -> None:
+    """``answer_fused_calls(model, **settings)`` on a TRL trainer's policy and reference
+    (the causal LMs under their accelerate and PEFT wrappers, where TRL patched the
+    heads); each once, so a second call changes nothing."""
+    for model in (trainer.model, getattr(trainer, "ref_model", None)):
+        if model is None:
+            continue
+        unwrapped = trainer.accelerator.unwrap_model(model)
+        if is_peft_model(unwrapped):
+            unwrapped = unwrapped.get_base_model()
+        answer_fused_calls(unwrapped, **settings)
 
 
 def _fused_output(

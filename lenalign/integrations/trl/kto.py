@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from accelerate.utils import is_peft_model
 from datasets import Dataset
 from trl import KTOTrainer
 from trl.trainer.utils import get_config_model_id
 
-from .fused_call import answer_fused_calls
+from .fused_call import answer_trainer_fused_calls
 from .kto_config import LenalignKTOConfig, resolve_kto_exponent
 
 
@@ -62,15 +61,8 @@ class LenalignKTOTrainer(KTOTrainer):
         self._answer_fused_calls()
 
     def _answer_fused_calls(self) -> None:
-        """lenalign answers the fused-head calls of the policy and the reference (once
-        each; the policy's PEFT base model, where TRL patched its head)."""
-        for model in (self.model, self.ref_model):
-            if model is None:
-                continue
-            unwrapped = self.accelerator.unwrap_model(model)
-            if is_peft_model(unwrapped):
-                unwrapped = unwrapped.get_base_model()
-            answer_fused_calls(unwrapped, length_exponent=self._exponent)
+        """lenalign answers the fused-head calls of the policy and the reference."""
+        answer_trainer_fused_calls(self, length_exponent=self._exponent)
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         """KTOTrainer's precomputation, on lenalign's scores: it runs inside

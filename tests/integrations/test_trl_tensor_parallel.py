@@ -9,6 +9,9 @@ final weights (gathered) within float32 rounding. LenalignDPOTrainer scores the 
 local rows vocab-parallel (``VocabShard.from_dtensor``); TRL's DPOTrainer on the same
 split model gathers the whole head (``weight.full_tensor()``) and forms vocabulary-wide
 logits, which the profiler sees and which serves as the check that it can see them.
+LenalignGRPOTrainer samples its completions through the split model (the head's own
+forward gathering its logits, as transformers' "colwise_rep") and scores them
+vocab-parallel like the others.
 
 accelerate's own tensor parallelism (``ParallelismConfig(tp_size=2)``, which transformers'
 ``tp_plan`` models require in the Trainer) refuses a CPU machine (``MULTI_CPU``), and with
@@ -49,6 +52,8 @@ RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "tp-trl-sum": ("dpo", "trl", {}),
     "tp-kto-lenalign-sum": ("kto", "lenalign", {}),
     "tp-sft-lenalign-token": ("sft", "lenalign", {}),
+    # 1 prompt x 2 sampled completions a step, generation through the head's own forward
+    "tp-grpo-lenalign": ("grpo", "lenalign", {"beta": 0.0}),
 }
 SCRIPT = Path(__file__).with_name("trl_ddp_run.py")
 LAUNCH_TIMEOUT_S = 180
@@ -120,10 +125,14 @@ def test_lenalign_is_trl_under_tensor_parallelism(launched):
 def test_head_is_never_gathered(launched):
     """No op of lenalign's steps (inside its operators too) took a [*, V] tensor, and
     the head's local rows were what they projected onto; TRL's gathered head did form
-    vocabulary-wide logits, which shows the profiler would see them."""
+    vocabulary-wide logits, which shows the profiler would see them. GRPO's generation
+    runs the head's own forward, whose gathered logits are one position per row."""
     for name, ranks in launched.items():
         for result in ranks:
-            if "lenalign" in name:
+            if "grpo" in name:
+                assert 0 < result["vocab_rows"] <= BATCH, name
+                assert result["local_head_seen"], name
+            elif "lenalign" in name:
                 assert result["vocab_rows"] == 0, name
                 assert result["local_head_seen"], name
             else:

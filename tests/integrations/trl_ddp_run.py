@@ -102,15 +102,18 @@ def build(
     """The trainer of ``kind`` on ``n_rows`` rows of its tiny data set (on ``models``,
     ``model=`` and ``ref_model=``, where given; SFT has no reference)."""
     classes = TRAINERS[kind][trainer]
+    if kind in ("grpo", "rloo"):
+        # no reference model: the runs here set beta 0 (with beta > 0 the trainers
+        # build the reference from the policy's path)
+        dataset = prompt_dataset(n_rows)
+        return make_rl(
+            *classes, output_dir, model=models.get("model"), dataset=dataset, **overrides
+        )
     if "model" in models and kind != "dpo":
         policy = models["model"]
         models = {**models, "model": lambda: policy}  # SFT's and KTO's builders take a builder
     if kind == "sft":
         models.pop("ref_model", None)
-    if kind in ("grpo", "rloo"):
-        # no reference model: the runs here set beta 0 (with beta > 0 the trainers
-        # build the reference from the policy's path)
-        return make_rl(*classes, output_dir, dataset=prompt_dataset(n_rows), **overrides)
     if kind == "kto":
         dataset = unpaired_dataset(n_rows)
         return make_kto(*classes, output_dir, dataset=dataset, **models, **overrides)

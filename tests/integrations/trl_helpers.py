@@ -85,13 +85,16 @@ def tensor_parallel(model: LlamaForCausalLM, world: int) -> LlamaForCausalLM:
     output projections by input row, and the LM head by vocabulary row (ColwiseParallel:
     its weight a DTensor placed Shard(0))."""
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
         parallelize_module,
     )
 
-    plan = {"lm_head": ColwiseParallel()}
+    # the head's own forward (generation's) gathers its logits, as transformers'
+    # "colwise_rep" for lm_head; the weight stays Shard(0)
+    plan = {"lm_head": ColwiseParallel(output_layouts=Replicate())}
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj"):
         plan[f"model.layers.*.{name}"] = ColwiseParallel()
     plan["model.layers.*.mlp.gate_proj"] = ColwiseParallel()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig
 from torch.profiler import ProfilerActivity, profile
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from trl_helpers import (
@@ -47,7 +48,7 @@ def both(tmp_path: Path, kind: str, **overrides):
     runs = []
     for name, (trainer_cls, config_cls) in zip(("trl", "lenalign"), classes, strict=True):
         model = None
-        if overrides.get("beta", 0.0) != 0.0:
+        if overrides.get("beta", 0.0) != 0.0 and "peft_config" not in overrides:
             model = saved_tiny_model(tmp_path / f"model-{name}")
         trainer = make_rl(trainer_cls, config_cls, tmp_path / name, model=model, **overrides)
         trainer.train()
@@ -55,6 +56,7 @@ def both(tmp_path: Path, kind: str, **overrides):
     return runs
 
 
+LORA = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
 GRPO_SETTINGS = {
     # every loss type at the token level (luspo: its sequence level)
     **{
@@ -67,6 +69,7 @@ GRPO_SETTINGS = {
     "beta 0.04, reference from path": {"beta": 0.04},
     "2 iterations, 2 accumulated": {"num_iterations": 2, "gradient_accumulation_steps": 2},
     "top_entropy_quantile 0.5": {"top_entropy_quantile": 0.5},
+    "LoRA, beta 0.04, reference the disabled adapter": {"beta": 0.04, "peft_config": LORA},
     "temperature 0.7, float32 head": {"temperature": 0.7, "cast_lm_head_to_fp32": True},
 }
 
@@ -80,9 +83,16 @@ def test_grpo_trains_as_trl(tmp_path, settings):
     assert expected.state.log_history[0]["grad_norm"] > 0
 
 
-@pytest.mark.parametrize("beta", [0.05, 0.0], ids=["default beta, reference from path", "beta 0"])
-def test_rloo_trains_as_trl(tmp_path, beta):
-    expected, got = both(tmp_path, "rloo", beta=beta)
+RLOO_SETTINGS = {
+    "default beta, reference from path": {"beta": 0.05},
+    "beta 0": {"beta": 0.0},
+    "LoRA, reference the disabled adapter": {"beta": 0.05, "peft_config": LORA},
+}
+
+
+@pytest.mark.parametrize("settings", RLOO_SETTINGS.values(), ids=RLOO_SETTINGS.keys())
+def test_rloo_trains_as_trl(tmp_path, settings):
+    expected, got = both(tmp_path, "rloo", **settings)
     assert_same_history(expected, got)
     assert_same_parameters(expected.model, got.model)
     assert expected.state.log_history[0]["grad_norm"] > 0

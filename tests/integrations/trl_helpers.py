@@ -421,7 +421,16 @@ def saved_tiny_model(directory: Path) -> str:
     return str(directory)
 
 
-def make_rl(trainer_cls, config_cls, output_dir: Path, *, model=None, dataset=None, **overrides):
+def make_rl(
+    trainer_cls,
+    config_cls,
+    output_dir: Path,
+    *,
+    model=None,
+    dataset=None,
+    peft_config=None,
+    **overrides,
+):
     """A GRPO or RLOO trainer on the tiny policy (or a path) and the prompts."""
     fields = config_kwargs(output_dir, **{**RL_FIELDS, **overrides})
     with warnings.catch_warnings():
@@ -432,4 +441,5 @@ def make_rl(trainer_cls, config_cls, output_dir: Path, *, model=None, dataset=No
             args=config_cls(**fields),
             train_dataset=prompt_dataset() if dataset is None else dataset,
             processing_class=tokenizer(),
+            peft_config=peft_config,
         )

@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
+    if options.split == "zero3" and options.world < 2:
+        # one process runs use_cpu, where accelerate drops DeepSpeed
+        parser.error("--split zero3 needs --world 2 or more")
     if options.worker:
         result = worker(options.worker, options.steps, options.split)
         rank = int(os.environ.get("RANK", "0"))

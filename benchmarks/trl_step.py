@@ -13,7 +13,8 @@ unpaired rows, the chosen desirable and the rejected not, twice the pairs a step
 a step scores as many completions as DPO's, plus KTO's KL pairs; for GRPO and RLOO the
 prompts, 2 completions sampled for each of a step's pairs' prompts, a fixed reward, and
 a reference with beta 0.04: the step generates, then scores the completions with the
-policy, the reference and the policy again with gradient) and the same config
+reference (and for RLOO the policy without gradient, its old log-probabilities) and the
+policy with gradient) and the same config
 (TRL's defaults; bf16 on a GPU, fp32 on CPU), and run in their own fresh process, one
 after the other. A callback
 times every optimizer step and measures its peak memory above the level at the step's
@@ -69,7 +70,8 @@ RL_BETA = 0.04
 
 
 def letter_reward(completions: list[str], **_) -> list[float]:
-    """GRPO's and RLOO's reward: the share of letters after 'e' in a completion."""
+    """GRPO's and RLOO's reward: the share of a completion's characters that sort after
+    'e' (letters f-z, and any other character above it)."""
     return [sum(c > "e" for c in text) / max(len(text), 1) for text in completions]
 
 

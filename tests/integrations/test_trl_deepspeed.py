@@ -48,7 +48,8 @@ if importlib.util.find_spec("deepspeed") is None:
 WORLD = 2
 PER_RANK = 2
 N_ROWS = 12  # 3 global batches of WORLD * PER_RANK rows
-# name -> (ZeRO stage, kind, trainer, fields beyond trl_helpers.config_kwargs), untied
+# name -> (ZeRO stage, kind, trainer, fields beyond trl_helpers.config_kwargs, untied);
+# GRPO (beta 0.04) and RLOO (its default 0.05) with a reference built from the policy's path
 RUNS: dict[str, tuple[int, str, str, dict[str, Any], bool]] = {
     "zero3-lenalign-sum": (3, "dpo", "lenalign", {}, False),
     "zero3-trl-sum": (3, "dpo", "trl", {}, False),
@@ -60,10 +61,10 @@ RUNS: dict[str, tuple[int, str, str, dict[str, Any], bool]] = {
     "zero3-kto-trl-sum": (3, "kto", "trl", {}, False),
     "zero3-sft-lenalign-token": (3, "sft", "lenalign", {}, False),
     "zero3-sft-trl-token": (3, "sft", "trl", {}, False),
-    "zero3-grpo-lenalign": (3, "grpo", "lenalign", {"beta": 0.0}, False),
-    "zero3-grpo-trl": (3, "grpo", "trl", {"beta": 0.0}, False),
-    "zero3-rloo-lenalign": (3, "rloo", "lenalign", {"beta": 0.0}, False),
-    "zero3-rloo-trl": (3, "rloo", "trl", {"beta": 0.0}, False),
+    "zero3-grpo-lenalign": (3, "grpo", "lenalign", {"beta": 0.04}, False),
+    "zero3-grpo-trl": (3, "grpo", "trl", {"beta": 0.04}, False),
+    "zero3-rloo-lenalign": (3, "rloo", "lenalign", {}, False),
+    "zero3-rloo-trl": (3, "rloo", "trl", {}, False),
     "zero2-lenalign-sum": (2, "dpo", "lenalign", {}, False),
     "zero2-trl-sum": (2, "dpo", "trl", {}, False),
 }

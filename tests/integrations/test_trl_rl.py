@@ -17,18 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig
+from rl_helpers import COMPLETION_TOKENS, RL_FIELDS, make_rl, saved_tiny_model
 from torch.profiler import ProfilerActivity, profile
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from trl_helpers import (
-    COMPLETION_TOKENS,
-    RL_FIELDS,
     assert_same_history,
     assert_same_parameters,
     config_kwargs,
     float64_copy,
-    make_rl,
     profiled_vocab_rows,
-    saved_tiny_model,
+    tiny_model,
 )
 
 from lenalign.integrations.trl import (
@@ -37,6 +35,7 @@ from lenalign.integrations.trl import (
     LenalignRLOOConfig,
     LenalignRLOOTrainer,
 )
+from lenalign.integrations.trl.fused_call import LenalignFusedOutput
 
 
 def both(tmp_path: Path, kind: str, **overrides):
@@ -201,8 +200,15 @@ def test_grpo_step_forms_no_vocabulary_wide_scores(tmp_path):
         ("lenalign", LenalignGRPOTrainer, LenalignGRPOConfig),
     ):
         path = saved_tiny_model(tmp_path / f"model-{name}")
+        # 2 iterations per generation: the old policy is scored too
         trainer = make_rl(
-            trainer_cls, config_cls, tmp_path / name, model=path, beta=0.04, max_steps=1
+            trainer_cls,
+            config_cls,
+            tmp_path / name,
+            model=path,
+            beta=0.04,
+            num_iterations=2,
+            max_steps=1,
         )
         config = trainer.model.config
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -211,3 +217,51 @@ def test_grpo_step_forms_no_vocabulary_wide_scores(tmp_path):
     bound = RL_FIELDS["per_device_train_batch_size"] * COMPLETION_TOKENS
     assert 0 < rows["lenalign"] <= bound
     assert rows["trl"] > bound
+
+
+def fused_call_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """[2, 9] ids and labels, the first 4 positions unscored (5 scored per row)."""
+    ids = torch.randint(3, 259, (2, 9), generator=torch.Generator().manual_seed(0))
+    return ids, ids.masked_fill(torch.arange(9) < 4, -100)
+
+
+def test_second_trainer_on_the_same_model(tmp_path):
+    """Each TRL trainer wraps the model's forward with its own head on top: a second
+    lenalign trainer on the same model object, with another length normalization,
+    answers the calls again, with its own settings."""
+    model = tiny_model()
+    for normalization in ("sum", "mean"):
+        make_rl(
+            LenalignRLOOTrainer,
+            LenalignRLOOConfig,
+            tmp_path / normalization,
+            model=model,
+            beta=0.0,
+            length_normalization=normalization,
+        )
+    ids, labels = fused_call_inputs()
+    with torch.no_grad():
+        output = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert isinstance(output, LenalignFusedOutput)
+    torch.testing.assert_close(output.log_probs.sum(-1), output.sequence.mean)
+
+
+def test_float32_head_on_a_bfloat16_model(tmp_path):
+    """``cast_lm_head_to_fp32`` on a bfloat16 model: lenalign's per-token log-probabilities
+    are GRPOTrainer's (both project in float32); projecting in bfloat16 instead would
+    differ by far more, so the comparison sees the setting."""
+    ids, labels = fused_call_inputs()
+    answers = {}
+    for name, trainer_cls, config_cls, cast in (
+        ("trl", GRPOTrainer, GRPOConfig, True),
+        ("lenalign", LenalignGRPOTrainer, LenalignGRPOConfig, True),
+        ("lenalign, bf16 head", LenalignGRPOTrainer, LenalignGRPOConfig, False),
+    ):
+        model = tiny_model().to(torch.bfloat16)
+        make_rl(trainer_cls, config_cls, tmp_path / name, model=model, cast_lm_head_to_fp32=cast)
+        with torch.no_grad():
+            answers[name] = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    assert answers["lenalign"].dtype == torch.float32
+    torch.testing.assert_close(answers["lenalign"], answers["trl"], rtol=0, atol=1e-5)
+    # measured: 4.3e-4 with the bfloat16 head, the tiny model's logits being small
+    assert (answers["lenalign, bf16 head"] - answers["trl"]).abs().max() > 1e-4

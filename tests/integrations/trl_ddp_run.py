@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rl_helpers import make_rl, prompt_dataset, saved_tiny_model
 from torch.distributed.tensor import DTensor, Shard
 from torch.profiler import ProfilerActivity, profile
 from trl import (
@@ -50,12 +51,10 @@ from trl_helpers import (
     POLICY_SEED,
     REFERENCE_SEED,
     make_kto,
-    make_rl,
     make_sft,
     make_trainer,
     preference_dataset,
     profiled_vocab_rows,
-    prompt_dataset,
     tensor_parallel,
     text_dataset,
     unpaired_dataset,
@@ -103,12 +102,12 @@ def build(
     ``model=`` and ``ref_model=``, where given; SFT has no reference)."""
     classes = TRAINERS[kind][trainer]
     if kind in ("grpo", "rloo"):
-        # no reference model: the runs here set beta 0 (with beta > 0 the trainers
-        # build the reference from the policy's path)
+        policy = models.get("model")
+        # RLOO's default beta (a config class attribute) is not 0
+        if policy is None and overrides.get("beta", classes[1].beta) != 0.0:
+            policy = saved_policy(output_dir.parent / f"{output_dir.name}-policy")
         dataset = prompt_dataset(n_rows)
-        return make_rl(
-            *classes, output_dir, model=models.get("model"), dataset=dataset, **overrides
-        )
+        return make_rl(*classes, output_dir, model=policy, dataset=dataset, **overrides)
     if "model" in models and kind != "dpo":
         policy = models["model"]
         models = {**models, "model": lambda: policy}  # SFT's and KTO's builders take a builder
@@ -122,6 +121,18 @@ def build(
         return make_sft(*classes, output_dir, dataset=dataset, **models, **overrides)
     dataset = preference_dataset(n_rows)
     return make_trainer(*classes, output_dir, train_dataset=dataset, **models, **overrides)
+
+
+def saved_policy(path: Path) -> str:
+    """The tiny policy saved for every rank to load (the trainers build the reference
+    from the policy's path). Within a process group transformers saves on rank 0 only:
+    rank 0 writes, the others wait; without one, each rank writes a copy of its own."""
+    if not torch.distributed.is_initialized():
+        return saved_tiny_model(path.with_name(f"{path.name}-rank{os.environ.get('RANK', '0')}"))
+    if torch.distributed.get_rank() == 0:
+        saved_tiny_model(path)
+    torch.distributed.barrier()
+    return str(path)
 
 
 def run(out: Path, entry: dict[str, Any], n_rows: int) -> None:

@@ -37,7 +37,10 @@ from ...outputs import SequenceLogProbs
 from ..hf import fused_head_transform
 from .head import HeadRequest, _load_balancing_loss, _score_head
 
-# set on a model whose forward answers fused calls, so that wrapping is done once
+# set on a model whose forward answers fused calls: (the forward installed, its
+# settings). Each TRL trainer wraps the forward again with its own head on top, so a
+# model answered for an earlier trainer is answered again unless the forward on top is
+# still lenalign's, with the same settings
 ANSWERED_MARK = "_lenalign_fused_calls_answered"
 # the label TRL (and Hugging Face's loss) leaves unscored
 IGNORE_INDEX = -100
@@ -69,7 +72,9 @@ def answer_fused_calls(
     float32_head: bool = False,
     length_exponent: float | None = None,
 ) -> PreTrainedModel:
-    """Wrap ``model.forward`` (in place, once) to answer ``fused_lm_head=True`` calls.
+    """Wrap ``model.forward`` (in place) to answer ``fused_lm_head=True`` calls; a model
+    already answered with the same settings, its forward not wrapped since (as each TRL
+    trainer wraps it with its own head), is left as it is.
 
     Args:
         model: the causal LM itself (not its PEFT or accelerate wrapper), whose forward
@@ -88,7 +93,9 @@ def answer_fused_calls(
         ValueError: naming the argument, for a temperature that is not a finite number
             > 0, and an LM head or logit transform lenalign does not reproduce.
     """
-    if getattr(model, ANSWERED_MARK, False):
+    settings = (temperature, float32_head, length_exponent)
+    installed = getattr(model, ANSWERED_MARK, None)
+    if installed is not None and installed == (model.__dict__.get("forward"), settings):
         return model
     transform = fused_head_transform(model, temperature)
     previous_forward = model.forward
@@ -137,14 +144,14 @@ def answer_fused_calls(
         return output
 
     model.forward = types.MethodType(forward, model)
-    setattr(model, ANSWERED_MARK, True)
+    setattr(model, ANSWERED_MARK, (model.forward, settings))
     return model
 
 
 def answer_trainer_fused_calls(trainer: Trainer, **settings: float | bool | None) -> None:
     """``answer_fused_calls(model, **settings)`` on a TRL trainer's policy and reference
     (the causal LMs under their accelerate and PEFT wrappers, where TRL patched the
-    heads); each once, so a second call changes nothing."""
+    heads); a second call with the same settings changes nothing."""
     for model in (trainer.model, getattr(trainer, "ref_model", None)):
         if model is None:
             continue
